@@ -1,0 +1,218 @@
+"""Load and write checkpoints in the Hugging Face layout, safetensors only, never the network.
+
+A directory holds `config.json`, `model.safetensors` (or shards listed in
+`model.safetensors.index.json`), `tokenizer.json`, and optionally `tokenizer_config.json`
+and `generation_config.json`, from which the mask, pad, EOS and BOS ids are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from .config import SHAPES, CheckpointError, ModelConfig
+from .model import Transformer, rope_inv_freq
+
+MASK_TOKEN, EOS_TOKEN, BOS_TOKEN = "<|mask|>", "<|endoftext|>", "<|beginoftext|>"
+
+
+@dataclass
+class SpecialIds:
+    mask: int
+    eos: int
+    pad: int
+    bos: int | None
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    special: SpecialIds
+    name: str
+    random_weights: bool = False
+
+
+def _read_json(path: Path, required: bool) -> dict:
+    if not path.exists():
+        if required:
+            raise CheckpointError(f"checkpoint is missing {path.name} ({path})")
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path.name} is not valid JSON: {err}") from None
+
+
+def _token_id(tokenizer: Tokenizer, value) -> int | None:
+    """An id from a tokenizer_config entry: a token string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return tokenizer.token_to_id(value) if isinstance(value, str) else None
+
+
+def _first_id(*values) -> int | None:
+    for value in values:
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _special_ids(tokenizer: Tokenizer, config: dict, generation: dict, tok_config: dict) -> SpecialIds:
+    def find(name: str) -> int | None:
+        key = f"{name}_token_id"
+        return _first_id(config.get(key), generation.get(key), _token_id(tokenizer, tok_config.get(f"{name}_token")))
+
+    mask = find("mask")
+    if mask is None:
+        raise CheckpointError(
+            "no mask token: set mask_token_id in config.json or generation_config.json, "
+            "or mask_token in tokenizer_config.json"
+        )
+    eos = find("eos")
+    if eos is None:
+        raise CheckpointError("no EOS token: set eos_token_id in config.json or generation_config.json")
+    pad = find("pad")
+    return SpecialIds(mask=mask, eos=eos, pad=eos if pad is None else pad, bos=find("bos"))
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    index_path = directory / "model.safetensors.index.json"
+    if (directory / "model.safetensors").exists():
+        files = [directory / "model.safetensors"]
+    elif index_path.exists():
+        shard_names = sorted(set(_read_json(index_path, True).get("weight_map", {}).values()))
+        files = [directory / name for name in shard_names]
+        if not files:
+            raise CheckpointError("model.safetensors.index.json has an empty weight_map")
+    else:
+        found = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+        hint = f" (found {', '.join(found)}: pickled weights are never loaded; convert them)" if found else ""
+        raise CheckpointError(f"checkpoint is missing model.safetensors{hint}")
+    weights: dict[str, torch.Tensor] = {}
+    for path in files:
+        if path.parent != directory or not path.exists():
+            raise CheckpointError(f"checkpoint is missing the shard {path.name}")
+        try:
+            weights.update(load_file(path))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path.name} is corrupt: {err}") from None
+    return weights
+
+
+def load_checkpoint(directory: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a checkpoint directory, or raise CheckpointError naming the missing or bad part."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    hf_config = _read_json(directory / "config.json", required=True)
+    config = ModelConfig.from_hf(hf_config)
+    if not (directory / "tokenizer.json").exists():
+        raise CheckpointError(f"checkpoint is missing tokenizer.json ({directory})")
+    try:
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    except Exception as err:  # tokenizers raises plain Exception on a bad file
+        raise CheckpointError(f"tokenizer.json is corrupt: {err}") from None
+    special = _special_ids(
+        tokenizer, hf_config,
+        _read_json(directory / "generation_config.json", required=False),
+        _read_json(directory / "tokenizer_config.json", required=False),
+    )
+    weights = _read_weights(directory)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict())
+    if config.tie_embeddings:
+        expected.discard("lm_head.weight")
+        weights.pop("lm_head.weight", None)
+    missing = sorted(expected - set(weights))
+    if missing:
+        raise CheckpointError(f"checkpoint weights lack {len(missing)} tensors, e.g. {missing[0]}")
+    unexpected = sorted(set(weights) - expected)
+    if unexpected:
+        raise CheckpointError(f"checkpoint has {len(unexpected)} unknown tensors, e.g. {unexpected[0]}")
+    for name, param in model.state_dict().items():
+        if name in expected and weights[name].shape != param.shape:
+            raise CheckpointError(f"tensor {name} has shape {tuple(weights[name].shape)}, config says {tuple(param.shape)}")
+    model.load_state_dict(weights, assign=True, strict=False)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(config)
+    model = model.to(device=device, dtype=dtype).eval()
+    return LoadedModel(model, tokenizer, special, name=directory.name)
+
+
+def byte_tokenizer() -> Tokenizer:
+    """A byte-level tokenizer with no merges (256 byte tokens + EOS, BOS, mask): for random models."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([EOS_TOKEN, BOS_TOKEN, MASK_TOKEN])
+    return tokenizer
+
+
+def random_model(shape: str | ModelConfig = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 seed: int = 0) -> LoadedModel:
+    """A random-weight model of a named shape with the byte tokenizer: for tests and benchmarks."""
+    config = SHAPES[shape] if isinstance(shape, str) else shape
+    tokenizer = byte_tokenizer()
+    ids = [tokenizer.token_to_id(t) for t in (MASK_TOKEN, EOS_TOKEN, BOS_TOKEN)]
+    if max(ids) >= config.vocab_size:
+        raise ValueError(f"vocab_size {config.vocab_size} is too small for the byte tokenizer")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(config).to(dtype)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            continue
+        torch.nn.init.normal_(param, std=0.02) if param.dim() > 1 else torch.nn.init.zeros_(param)
+    special = SpecialIds(mask=ids[0], eos=ids[1], pad=ids[1], bos=ids[2])
+    name = shape if isinstance(shape, str) else config.model_type
+    return LoadedModel(model.eval(), tokenizer, special, name=f"random-{name}", random_weights=True)
+
+
+def save_checkpoint(loaded: LoadedModel, directory: str | Path, max_shard_bytes: int | None = None) -> None:
+    """Write `loaded` in the layout `load_checkpoint` reads, sharded when `max_shard_bytes` is set."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = loaded.model.config
+    state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
+    if config.tie_embeddings:
+        state.pop("lm_head.weight")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+    special = loaded.special
+    ids = {"mask_token_id": special.mask, "eos_token_id": special.eos, "pad_token_id": special.pad,
+           "bos_token_id": special.bos}
+    (directory / "config.json").write_text(json.dumps({**config.to_hf(), **ids}, indent=1))
+    (directory / "generation_config.json").write_text(json.dumps(ids, indent=1))
+    loaded.tokenizer.save(str(directory / "tokenizer.json"))
+    names = {f"{k}_token": loaded.tokenizer.id_to_token(v) for k, v in
+             {"mask": special.mask, "eos": special.eos, "pad": special.pad, "bos": special.bos}.items() if v is not None}
+    (directory / "tokenizer_config.json").write_text(json.dumps(names, indent=1))

@@ -1,0 +1,181 @@
+"""A bidirectional Llama/Qwen2 transformer for masked-diffusion LMs (LLaDA, Dream, DiffuCoder).
+
+Module names mirror the Hugging Face checkpoints, so a safetensors state dict loads as is.
+Every forward writes its keys and values into a `KVCache` at the tokens' positions and then
+attends over the whole cache: a full forward fills it, and a denoising step that feeds only
+the masked window reuses the context's cached keys (Fast-dLLM's dual cache). With
+`causal=True` the same network serves as the autoregressive baseline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Per-layer keys and values, shape (batch, kv_heads, slots, head_dim)."""
+
+    def __init__(self, config: ModelConfig, batch: int, slots: int, device, dtype):
+        shape = (batch, config.num_kv_heads, slots, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[2]
+
+    @classmethod
+    def of(cls, k: list[Tensor], v: list[Tensor]) -> "KVCache":
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        return cache
+
+    def rows(self, start: int, end: int) -> "KVCache":
+        """A view of rows [start, end): writes through to this cache."""
+        return KVCache.of([k[start:end] for k in self.k], [v[start:end] for v in self.v])
+
+    def expand(self, batch: int) -> "KVCache":
+        """A one-row cache repeated for `batch` rows (candidates of one request), as a copy."""
+        return KVCache.of([k.expand(batch, -1, -1, -1).contiguous() for k in self.k],
+                          [v.expand(batch, -1, -1, -1).contiguous() for v in self.v])
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        hidden, bias = config.hidden_size, config.qkv_bias
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache.scatter_(2, write_index, k)
+        v_cache.scatter_(2, write_index, v)
+        out = F.scaled_dot_product_attention(
+            q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len],
+            attn_mask=attn_mask, is_causal=causal, enable_gqa=self.heads != self.kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache,
+                               write_index, kv_len, attn_mask, causal)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, *,
+                kv_len: int | None = None, attn_mask: Tensor | None = None,
+                causal: bool = False) -> Tensor:
+        """Hidden states (batch, len, hidden) of `tokens` at `positions` (both (batch, len)).
+
+        Keys and values are written into `cache` at `positions`; attention covers the first
+        `kv_len` cache slots (all by default), restricted by the boolean `attn_mask`
+        (batch, 1, 1, slots) where rows are padded.
+        """
+        x = self.model.embed_tokens(tokens)
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        b, t = tokens.shape
+        write_index = positions[:, None, :, None].expand(b, self.config.num_kv_heads, t, self.config.head_dim)
+        kv_len = kv_len or cache.slots
+        for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v):
+            x = layer(x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal)
+        return self.model.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden).float()
+
+    def new_cache(self, batch: int, slots: int) -> KVCache:
+        p = self.lm_head.weight
+        return KVCache(self.config, batch, slots, p.device, p.dtype)

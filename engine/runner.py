@@ -1,0 +1,326 @@
+"""The resident engine: one model on one device, serving infill requests from any thread.
+
+A single worker thread owns the model. Each loop it takes the requests that have arrived,
+drops cancelled and expired ones, and runs one denoising step for all the rest together:
+requests whose context must be (re-)encoded share one padded full forward, the others share
+one forward of their masked windows against their cached context. A request's candidates
+are rows of one batch that share one context encoding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .loader import LoadedModel, load_checkpoint, random_model
+from .sampler import DecodeOptions, Denoiser, EngineError, build_layout
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    confidences: list[float]
+    steps: int
+    finish_reason: str  # "stop": the model ended it; "length": all N tokens; "budget": time ran out
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # bf16 is fast on GPUs and several times slower than fp32 on CPUs without AVX512-BF16.
+    return torch.bfloat16 if device in ("cuda", "mps") else torch.float32
+
+
+class Request:
+    """A submitted infill: `future` resolves to a list of n Completions."""
+
+    def __init__(self, request_id: int, denoiser: Denoiser, n: int, deadline: float | None):
+        self.id = request_id
+        self.denoiser = denoiser
+        self.n = n
+        self.deadline = deadline
+        self.future: Future[list[Completion]] = Future()
+        self.cancelled = threading.Event()
+        self.cache: KVCache | None = None
+        self.key_mask: Tensor | None = None  # (rows, slots) valid keys when the cache is padded
+        self.since_encode = 0
+
+    def result(self, timeout: float | None = None) -> list[Completion]:
+        return self.future.result(timeout)
+
+    def cancel(self) -> bool:
+        """Ask the engine to stop this request within one step; False if it already finished."""
+        if self.future.done():
+            return False
+        self.cancelled.set()
+        return True
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, *, max_tokens: int = 256, max_batch_rows: int = 64,
+                 warmup: bool = True):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.special = loaded.special
+        self.family = self.model.config.family
+        self.device = self.model.lm_head.weight.device
+        self.max_tokens = max_tokens
+        self.max_batch_rows = max_batch_rows
+        self._ids = itertools.count(1)
+        self._requests: dict[int, Request] = {}
+        self._incoming: queue.Queue[Request | None] = queue.Queue()
+        self._merged = None  # (request ids, merged cache, key mask) of the last window batch
+        self._worker = threading.Thread(target=self._serve, name="lacuna-engine", daemon=True)
+        self._worker.start()
+        if warmup:
+            self.complete("def f(", "):\n    pass\n", 4)
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, device: str | None = None,
+             dtype: torch.dtype | None = None, **kwargs) -> "Engine":
+        """Load `model_dir`, or with none a tiny random-weight model (its output is noise)."""
+        device = device or default_device()
+        dtype = dtype or default_dtype(device)
+        if model_dir is None:
+            return cls(random_model("tiny", device=device, dtype=dtype), **kwargs)
+        return cls(load_checkpoint(model_dir, device=device, dtype=dtype), **kwargs)
+
+    # -- the API callers use, from any thread -------------------------------------------
+
+    def submit(self, prefix: str, suffix: str, n_tokens: int, *, options: DecodeOptions = DecodeOptions(),
+               n: int = 1, time_budget: float | None = None) -> Request:
+        """Queue an infill of `n_tokens` masks between `prefix` and `suffix`, `n` candidates."""
+        if not 1 <= n_tokens <= self.max_tokens:
+            raise ValueError(f"n_tokens must be between 1 and {self.max_tokens}, not {n_tokens}")
+        if not 1 <= n <= self.max_batch_rows:
+            raise ValueError(f"n must be between 1 and {self.max_batch_rows}, not {n}")
+        if not self._worker.is_alive():
+            raise EngineError("the engine is closed")
+        layout = build_layout(
+            self.encode(prefix), self.encode(suffix), n_tokens,
+            mask=self.special.mask, bos=self.special.bos, eos=self.special.eos,
+            eos_after_suffix=self.family.eos_after_suffix, shifted=self.family.logit_shift == 1,
+            max_len=self.model.config.max_position_embeddings,
+        )
+        generator = None
+        if options.temperature > 0:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+        denoiser = Denoiser(layout, n, options, stop_ids=(self.special.eos, self.special.pad),
+                            pad=self.special.pad, mask=self.special.mask, device=self.device, generator=generator)
+        deadline = time.monotonic() + time_budget if time_budget is not None else None
+        request = Request(next(self._ids), denoiser, n, deadline)
+        self._requests[request.id] = request
+        self._incoming.put(request)
+        return request
+
+    def complete(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> list[Completion]:
+        return self.submit(prefix, suffix, n_tokens, **kwargs).result()
+
+    def cancel(self, request_id: int) -> bool:
+        """Cancel by id; False for an unknown or finished request."""
+        request = self._requests.get(request_id)
+        return request.cancel() if request else False
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+    def close(self) -> None:
+        self._incoming.put(None)
+        self._worker.join(timeout=30)
+
+    # -- the worker thread --------------------------------------------------------------
+
+    def _serve(self) -> None:
+        active: list[Request] = []
+        while True:
+            try:
+                incoming = [self._incoming.get()] if not active else []
+                while True:
+                    incoming.append(self._incoming.get_nowait())
+            except queue.Empty:
+                pass
+            if None in incoming:
+                for request in active + [r for r in incoming if r]:
+                    self._finish(request, error=EngineError("the engine is closed"))
+                return
+            active += incoming
+            active = [r for r in active if not self._retire_if_over(r)]
+            if active:
+                batch = self._admit(active)
+                try:
+                    self._step(batch)
+                except Exception as err:  # e.g. out of memory: fail this batch, keep serving
+                    self._merged = None
+                    for request in batch:
+                        self._finish(request, error=EngineError(f"infill failed: {err}"))
+                active = [r for r in active if not self._retire_if_over(r)]
+
+    def _admit(self, active: list[Request]) -> list[Request]:
+        """The oldest requests whose rows fit one batch."""
+        batch, rows = [], 0
+        for request in active:
+            if rows + request.n > self.max_batch_rows and batch:
+                break
+            batch.append(request)
+            rows += request.n
+        return batch
+
+    def _retire_if_over(self, request: Request) -> bool:
+        """Resolve a request that is done, cancelled or past its deadline; True if resolved."""
+        if request.future.done():
+            return True
+        if request.cancelled.is_set():
+            request.future.cancel()
+            self._forget(request)
+            return True
+        if request.denoiser.done:
+            self._finish(request)
+            return True
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            self._finish(request, partial=True)
+            return True
+        return False
+
+    def _finish(self, request: Request, partial: bool = False, error: Exception | None = None) -> None:
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            den = request.denoiser
+            completions = []
+            for ids, conf in den.result_rows(partial=partial):
+                if partial:
+                    reason = "budget"
+                else:
+                    reason = "length" if len(ids) == den.end - den.start else "stop"
+                text = self.tokenizer.decode(ids, skip_special_tokens=False)
+                completions.append(Completion(text, ids, conf, den.steps, reason))
+            request.future.set_result(completions)
+        self._forget(request)
+
+    def _forget(self, request: Request) -> None:
+        request.cache = request.key_mask = None
+        self._requests.pop(request.id, None)
+
+    @torch.inference_mode()
+    def _step(self, batch: list[Request]) -> None:
+        encode, window = [], []
+        for request in batch:
+            opts = request.denoiser.options
+            stale = request.cache is None or not opts.use_cache or (
+                opts.refresh_every and request.since_encode >= opts.refresh_every)
+            (encode if stale else window).append(request)
+        results = []
+        if encode:
+            results += self._encode_step(encode)
+            self._merged = None
+        if window:
+            results += self._window_step(window)
+        for request, logits in results:
+            try:
+                request.denoiser.update(logits)
+                request.since_encode += 1
+            except EngineError as err:
+                self._finish(request, error=err)
+
+    def _encode_step(self, batch: list[Request]) -> list[tuple[Request, Tensor]]:
+        """A full forward over each request's whole sequence, filling its context cache."""
+        # Candidates share one encoding until their middles differ.
+        rows = [r.denoiser.x if r.cache is not None else r.denoiser.x[:1] for r in batch]
+        lengths = [x.shape[1] for x in rows]
+        longest = max(lengths)
+        padded = len(set(lengths)) > 1
+        slots = longest + 1 if padded else longest  # padded rows write to one spare slot
+        tokens = torch.full((sum(x.shape[0] for x in rows), longest), self.special.pad, device=self.device)
+        positions = torch.full_like(tokens, longest)
+        key_mask = torch.zeros(tokens.shape[0], slots, dtype=torch.bool, device=self.device)
+        offset = 0
+        for x, length in zip(rows, lengths):
+            tokens[offset:offset + len(x), :length] = x
+            positions[offset:offset + len(x), :length] = torch.arange(length, device=self.device)
+            key_mask[offset:offset + len(x), :length] = True
+            offset += len(x)
+        if not padded:
+            positions = positions.clamp_max(longest - 1)
+        cache = self.model.new_cache(tokens.shape[0], slots)
+        hidden = self.model(tokens, positions, cache, attn_mask=key_mask[:, None, None] if padded else None)
+        results, offset = [], 0
+        shift = self.family.logit_shift
+        for request, x in zip(batch, rows):
+            den, count = request.denoiser, len(x)
+            logits = self.model.logits(hidden[offset:offset + count, den.start - shift:den.end - shift])
+            if den.options.use_cache:
+                request.cache = cache.rows(offset, offset + count)
+                request.key_mask = key_mask[offset:offset + count] if padded else None
+                if count < request.n:
+                    request.cache = request.cache.expand(request.n)
+                    request.key_mask = request.key_mask.expand(request.n, -1) if padded else None
+            request.since_encode = 0
+            results.append((request, logits.expand(request.n, -1, -1)))
+            offset += count
+        return results
+
+    def _window_step(self, batch: list[Request]) -> list[tuple[Request, Tensor]]:
+        """A forward of only the masked windows, attending to each request's cached context."""
+        shift = self.family.logit_shift
+        if len(batch) == 1:
+            request = batch[0]
+            cache, key_mask = request.cache, request.key_mask
+        else:
+            cache, key_mask = self._merge_caches(batch)
+        widths = [r.denoiser.end - r.denoiser.start + shift for r in batch]
+        width = max(widths)
+        spare = cache.slots - 1  # merged caches keep their last slot for padding
+        tokens = torch.full((cache.k[0].shape[0], width), self.special.pad, device=self.device)
+        positions = torch.full_like(tokens, spare)
+        offset = 0
+        for request, w in zip(batch, widths):
+            den = request.denoiser
+            tokens[offset:offset + request.n, :w] = den.x[:, den.start - shift:den.end]
+            positions[offset:offset + request.n, :w] = torch.arange(den.start - shift, den.end, device=self.device)
+            offset += request.n
+        mask = key_mask[:, None, None] if key_mask is not None else None
+        hidden = self.model(tokens, positions, cache, attn_mask=mask)
+        results, offset = [], 0
+        for request, w in zip(batch, widths):
+            n_mid = w - shift
+            results.append((request, self.model.logits(hidden[offset:offset + request.n, :n_mid])))
+            offset += request.n
+        return results
+
+    def _merge_caches(self, batch: list[Request]) -> tuple[KVCache, Tensor]:
+        """One padded cache for several requests, kept while the same requests step together."""
+        key = tuple(r.id for r in batch)
+        if self._merged is not None and self._merged[0] == key:
+            return self._merged[1], self._merged[2]
+        slots = max(r.cache.slots for r in batch) + 1
+        rows = sum(r.n for r in batch)
+        merged = self.model.new_cache(rows, slots)
+        key_mask = torch.zeros(rows, slots, dtype=torch.bool, device=self.device)
+        offset = 0
+        for request in batch:
+            own, end = request.cache.slots, offset + request.n
+            for dst, src in zip(merged.k + merged.v, request.cache.k + request.cache.v):
+                dst[offset:end, :, :own] = src
+            key_mask[offset:end, :own] = request.key_mask if request.key_mask is not None else True
+            request.cache = merged.rows(offset, end)
+            request.key_mask = key_mask[offset:end]
+            offset = end
+        self._merged = (key, merged, key_mask)
+        return merged, key_mask

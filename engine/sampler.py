@@ -1,0 +1,179 @@
+"""Masked-diffusion infilling: the request layout and the unmasking policies.
+
+A request is `[BOS] prefix MASK*N suffix [EOS]`. Each denoising step the model predicts every
+masked position; a policy picks which predictions to keep:
+- "steps": LLaDA's low-confidence remasking, N tokens spread evenly over a fixed step count;
+- "threshold": Fast-dLLM's parallel decoding, every position at or above the confidence
+  threshold, at least one per step;
+- "fixed": a fixed number of tokens per step (for random-weight benchmarks, which have no
+  meaningful confidence).
+The ordering ("confidence", "margin", "entropy") ranks positions; temperature and top-p shape
+the token draw. Once a position decodes to EOS or pad, the infill ends there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+POLICIES = ("steps", "threshold", "fixed")
+ORDERINGS = ("confidence", "margin", "entropy")
+
+
+class EngineError(RuntimeError):
+    """A request the engine could not serve; the engine itself keeps serving."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    policy: str = "threshold"
+    steps: int | None = None  # "steps": denoising steps (default: one token per step)
+    threshold: float = 0.9  # "threshold": confidence at which a position is kept
+    tokens_per_step: int = 4  # "fixed"
+    ordering: str = "confidence"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    use_cache: bool = True  # dual context cache; False runs a full forward every step
+    refresh_every: int = 0  # re-encode the context every k steps (0: never)
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, not {self.policy!r}")
+        if self.ordering not in ORDERINGS:
+            raise ValueError(f"ordering must be one of {ORDERINGS}, not {self.ordering!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError("threshold must be within [0, 1]")
+        if self.tokens_per_step < 1:
+            raise ValueError("tokens_per_step must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p within (0, 1]")
+        if self.refresh_every < 0:
+            raise ValueError("refresh_every must be >= 0")
+
+
+@dataclass
+class Layout:
+    tokens: list[int]
+    start: int  # first masked position
+    end: int  # one past the last masked position
+
+
+def build_layout(prefix: list[int], suffix: list[int], n: int, *, mask: int, bos: int | None,
+                 eos: int, eos_after_suffix: bool, shifted: bool, max_len: int) -> Layout:
+    """`[BOS] prefix MASK*n suffix [EOS]`, trimming the far ends of the context to fit `max_len`."""
+    # A shifted model predicts the first masked token from the position before it.
+    lead = [bos] if bos is not None else ([eos] if shifted and not prefix else [])
+    tail = [eos] if eos_after_suffix else []
+    budget = max_len - n - len(lead) - len(tail)
+    if budget < 0:
+        raise ValueError(f"{n} masked tokens do not fit the model's {max_len} positions")
+    if len(prefix) + len(suffix) > budget:
+        keep_suffix = min(len(suffix), max(budget - len(prefix), budget // 4))
+        suffix = suffix[:keep_suffix]
+        prefix = prefix[len(prefix) - (budget - keep_suffix):] if budget > keep_suffix else []
+    start = len(lead) + len(prefix)
+    return Layout(lead + prefix + [mask] * n + suffix + tail, start, start + n)
+
+
+def transfer_schedule(n: int, steps: int) -> list[int]:
+    """LLaDA's split of n tokens over `steps` steps, the remainder going to the first ones."""
+    steps = min(steps, n)
+    return [n // steps + (1 if i < n % steps else 0) for i in range(steps)]
+
+
+class Denoiser:
+    """The state of one request's `rows` candidates while their middles are unmasked."""
+
+    def __init__(self, layout: Layout, rows: int, options: DecodeOptions, *, stop_ids: tuple[int, ...],
+                 pad: int, mask: int, device, generator: torch.Generator | None = None):
+        self.options, self.stop_ids, self.pad, self.mask = options, stop_ids, pad, mask
+        self.start, self.end = layout.start, layout.end
+        self.x = torch.tensor(layout.tokens, device=device).repeat(rows, 1)
+        n = self.end - self.start
+        self.masked = torch.ones(rows, n, dtype=torch.bool, device=device)
+        self.confidence = torch.zeros(rows, n, device=device)
+        self.schedule = transfer_schedule(n, options.steps or n) if options.policy == "steps" else None
+        self.steps = 0
+        self.generator = generator
+
+    @property
+    def middle(self) -> Tensor:
+        return self.x[:, self.start:self.end]
+
+    @property
+    def done(self) -> bool:
+        return not bool(self.masked.any())
+
+    def update(self, logits: Tensor) -> None:
+        """Unmask some positions from `logits` of shape (rows, n, vocab)."""
+        if not bool(torch.isfinite(logits).all()):
+            raise EngineError("the model produced NaN or infinite logits")
+        tokens, confidence, score = self._draw(logits)
+        masked = self.masked
+        rank = torch.where(masked, score, -torch.inf).argsort(dim=1, descending=True).argsort(dim=1)
+        policy = self.options.policy
+        if policy == "threshold":
+            keep = masked & ((confidence >= self.options.threshold) | (rank == 0))
+        else:
+            count = self.schedule[min(self.steps, len(self.schedule) - 1)] if policy == "steps" else self.options.tokens_per_step
+            keep = masked & (rank < count)
+        middle = self.middle
+        middle[keep] = tokens[keep]
+        self.confidence[keep] = confidence[keep]
+        masked &= ~keep
+        # Everything after the first decoded EOS or pad is pad: the infill ends there.
+        ended = ~masked & torch.isin(middle, torch.tensor(self.stop_ids, device=middle.device))
+        after_end = (ended.cumsum(dim=1) > 0) & masked
+        middle[after_end] = self.pad
+        masked &= ~after_end
+        self.steps += 1
+
+    def _draw(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Token choice, its probability, and the ordering score for every position."""
+        opts = self.options
+        logits = logits.float().clone()
+        logits[..., self.mask] = -torch.inf  # a mask is never a prediction
+        if opts.temperature > 0:
+            probs = torch.softmax(logits / opts.temperature, dim=-1)
+            if opts.top_p < 1:
+                probs = top_p_filter(probs, opts.top_p)
+            flat = probs.reshape(-1, probs.shape[-1])
+            tokens = torch.multinomial(flat, 1, generator=self.generator).view(probs.shape[:-1])
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            tokens = probs.argmax(dim=-1)
+        confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
+        if opts.ordering == "margin":
+            top2 = probs.topk(2, dim=-1).values
+            score = top2[..., 0] - top2[..., 1]
+        elif opts.ordering == "entropy":
+            score = (probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+        else:
+            score = confidence
+        return tokens, confidence, score
+
+    def result_rows(self, partial: bool = False) -> list[tuple[list[int], list[float]]]:
+        """Each row's decoded tokens up to the first EOS/pad (or first mask, if `partial`)."""
+        rows = []
+        for middle, masked, conf in zip(self.middle.tolist(), self.masked.tolist(), self.confidence.tolist()):
+            end = len(middle)
+            for i, token in enumerate(middle):
+                if token in self.stop_ids or (partial and masked[i]):
+                    end = i
+                    break
+            rows.append((middle[:end], conf[:end]))
+        return rows
+
+
+def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
+    """Zero the tail outside the smallest set whose mass reaches top_p, and renormalise."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return filtered / filtered.sum(-1, keepdim=True)
