@@ -94,20 +94,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal):
+    def forward(self, x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal, rows):
+        """Writes keys and values of all of `x`; queries only `rows` of it when given."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_cache.scatter_(2, write_index, k)
         v_cache.scatter_(2, write_index, v)
+        if rows is not None:
+            x, cos, sin = x[:, rows], cos[:, :, rows], sin[:, :, rows]
+        r = x.shape[1]
+        q = self.q_proj(x).view(b, r, self.heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
         out = F.scaled_dot_product_attention(
             q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len],
             attn_mask=attn_mask, is_causal=causal, enable_gqa=self.heads != self.kv_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(b, r, -1))
 
 
 class MLP(nn.Module):
@@ -129,9 +133,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache,
-                               write_index, kv_len, attn_mask, causal)
+    def forward(self, x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal, rows=None):
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache,
+                                  write_index, kv_len, attn_mask, causal, rows)
+        x = (x if rows is None else x[:, rows]) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -153,14 +158,15 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, *,
-                kv_len: int | None = None, attn_mask: Tensor | None = None,
-                causal: bool = False) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, *, rows: Tensor | None = None,
+                kv_len: int | None = None, attn_mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """Hidden states (batch, len, hidden) of `tokens` at `positions` (both (batch, len)).
 
         Keys and values are written into `cache` at `positions`; attention covers the first
         `kv_len` cache slots (all by default), restricted by the boolean `attn_mask`
-        (batch, 1, 1, slots) where rows are padded.
+        (batch, 1, 1, slots) where rows are padded. With `rows` (indices into len), only those
+        rows' hidden states are computed in the last layer and returned: every layer's keys
+        are still written, and the last layer's queries and MLP run on `rows` alone.
         """
         x = self.model.embed_tokens(tokens)
         freqs = positions[..., None].float() * self.inv_freq
@@ -169,8 +175,16 @@ class Transformer(nn.Module):
         b, t = tokens.shape
         write_index = positions[:, None, :, None].expand(b, self.config.num_kv_heads, t, self.config.head_dim)
         kv_len = kv_len or cache.slots
-        for layer, k_cache, v_cache in zip(self.model.layers, cache.k, cache.v):
-            x = layer(x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal)
+        last = len(self.model.layers) - 1
+        last_mask, last_causal = attn_mask, causal
+        if causal and rows is not None:  # is_causal assumes square attention: spell the mask out
+            keys = torch.arange(kv_len, device=positions.device)
+            last_mask, last_causal = (keys <= positions[:, rows, None])[:, None], False
+        for i, (layer, k_cache, v_cache) in enumerate(zip(self.model.layers, cache.k, cache.v)):
+            if i == last:
+                attn_mask, causal = last_mask, last_causal
+            x = layer(x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal,
+                      rows if i == last else None)
         return self.model.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ are rows of one batch that share one context encoding.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .loader import LoadedModel, load_checkpoint, random_model
+from .model import KVCache
 from .sampler import DecodeOptions, Denoiser, EngineError, build_layout
 
 
@@ -88,6 +91,7 @@ class Engine:
         self._merged = None  # (request ids, merged cache, key mask) of the last window batch
         self._worker = threading.Thread(target=self._serve, name="lacuna-engine", daemon=True)
         self._worker.start()
+        atexit.register(self.close)  # the worker must not be running torch code at interpreter exit
         if warmup:
             self.complete("def f(", "):\n    pass\n", 4)
 
@@ -103,9 +107,14 @@ class Engine:
 
     # -- the API callers use, from any thread -------------------------------------------
 
-    def submit(self, prefix: str, suffix: str, n_tokens: int, *, options: DecodeOptions = DecodeOptions(),
-               n: int = 1, time_budget: float | None = None) -> Request:
-        """Queue an infill of `n_tokens` masks between `prefix` and `suffix`, `n` candidates."""
+    def submit(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> Request:
+        """Queue an infill of `n_tokens` masks between `prefix` and `suffix` (see submit_ids)."""
+        return self.submit_ids(self.encode(prefix), self.encode(suffix), n_tokens, **kwargs)
+
+    def submit_ids(self, prefix: list[int], suffix: list[int], n_tokens: int, *,
+                   options: DecodeOptions = DecodeOptions(), n: int = 1,
+                   time_budget: float | None = None) -> Request:
+        """Queue an infill between token ids, `n` candidates, answered within `time_budget` s."""
         if not 1 <= n_tokens <= self.max_tokens:
             raise ValueError(f"n_tokens must be between 1 and {self.max_tokens}, not {n_tokens}")
         if not 1 <= n <= self.max_batch_rows:
@@ -113,7 +122,7 @@ class Engine:
         if not self._worker.is_alive():
             raise EngineError("the engine is closed")
         layout = build_layout(
-            self.encode(prefix), self.encode(suffix), n_tokens,
+            prefix, suffix, n_tokens,
             mask=self.special.mask, bos=self.special.bos, eos=self.special.eos,
             eos_after_suffix=self.family.eos_after_suffix, shifted=self.family.logit_shift == 1,
             max_len=self.model.config.max_position_embeddings,
@@ -142,8 +151,11 @@ class Engine:
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
     def close(self) -> None:
-        self._incoming.put(None)
-        self._worker.join(timeout=30)
+        """Stop the worker; requests still queued or running fail with EngineError."""
+        if self._worker.is_alive():
+            self._incoming.put(None)
+            self._worker.join(timeout=30)
+        atexit.unregister(self.close)
 
     # -- the worker thread --------------------------------------------------------------
 
@@ -232,39 +244,36 @@ class Engine:
             self._merged = None
         if window:
             results += self._window_step(window)
-        for request, logits in results:
+        for request, logits, columns in results:
             try:
-                request.denoiser.update(logits)
+                request.denoiser.update(logits, columns)
                 request.since_encode += 1
             except EngineError as err:
                 self._finish(request, error=err)
 
-    def _encode_step(self, batch: list[Request]) -> list[tuple[Request, Tensor]]:
+    def _encode_step(self, batch: list[Request]) -> list[tuple[Request, Tensor, Tensor]]:
         """A full forward over each request's whole sequence, filling its context cache."""
         # Candidates share one encoding until their middles differ.
         rows = [r.denoiser.x if r.cache is not None else r.denoiser.x[:1] for r in batch]
-        lengths = [x.shape[1] for x in rows]
-        longest = max(lengths)
-        padded = len(set(lengths)) > 1
-        slots = longest + 1 if padded else longest  # padded rows write to one spare slot
-        tokens = torch.full((sum(x.shape[0] for x in rows), longest), self.special.pad, device=self.device)
-        positions = torch.full_like(tokens, longest)
-        key_mask = torch.zeros(tokens.shape[0], slots, dtype=torch.bool, device=self.device)
-        offset = 0
-        for x, length in zip(rows, lengths):
-            tokens[offset:offset + len(x), :length] = x
-            positions[offset:offset + len(x), :length] = torch.arange(length, device=self.device)
-            key_mask[offset:offset + len(x), :length] = True
-            offset += len(x)
-        if not padded:
-            positions = positions.clamp_max(longest - 1)
-        cache = self.model.new_cache(tokens.shape[0], slots)
-        hidden = self.model(tokens, positions, cache, attn_mask=key_mask[:, None, None] if padded else None)
-        results, offset = [], 0
+        longest = max(x.shape[1] for x in rows)
+        padded = any(x.shape[1] < longest for x in rows)
+        # Shorter rows are padded by repeating their first token at position 0, which writes the
+        # same keys again; the cache slots past a row's end stay masked.
+        tokens = torch.cat([F.pad(x, (0, longest - x.shape[1]), value=int(x[0, 0])) for x in rows])
+        positions = torch.cat([F.pad(torch.arange(x.shape[1], device=self.device), (0, longest - x.shape[1]))
+                               .expand(len(x), -1) for x in rows])
+        key_mask = torch.cat([(torch.arange(longest, device=self.device) < x.shape[1]).expand(len(x), -1)
+                              for x in rows]) if padded else None
+        cache = self.model.new_cache(tokens.shape[0], longest)
         shift = self.family.logit_shift
-        for request, x in zip(batch, rows):
+        columns = [r.denoiser.columns_to_predict() for r in batch]
+        wanted, picks = _union([r.denoiser.start - shift + c for r, c in zip(batch, columns)])
+        hidden = self.model(tokens, positions, cache, rows=wanted,
+                            attn_mask=key_mask[:, None, None] if padded else None)
+        results, offset = [], 0
+        for request, x, own_columns, pick in zip(batch, rows, columns, picks):
             den, count = request.denoiser, len(x)
-            logits = self.model.logits(hidden[offset:offset + count, den.start - shift:den.end - shift])
+            logits = self.model.logits(hidden[offset:offset + count, pick])
             if den.options.use_cache:
                 request.cache = cache.rows(offset, offset + count)
                 request.key_mask = key_mask[offset:offset + count] if padded else None
@@ -272,35 +281,33 @@ class Engine:
                     request.cache = request.cache.expand(request.n)
                     request.key_mask = request.key_mask.expand(request.n, -1) if padded else None
             request.since_encode = 0
-            results.append((request, logits.expand(request.n, -1, -1)))
+            results.append((request, logits.expand(request.n, -1, -1), own_columns))
             offset += count
         return results
 
-    def _window_step(self, batch: list[Request]) -> list[tuple[Request, Tensor]]:
-        """A forward of only the masked windows, attending to each request's cached context."""
-        shift = self.family.logit_shift
+    def _window_step(self, batch: list[Request]) -> list[tuple[Request, Tensor, Tensor]]:
+        """A forward of only the masked (and just decoded) positions against the cached context."""
+        windows = [r.denoiser.window(self.family.logit_shift) for r in batch]
         if len(batch) == 1:
-            request = batch[0]
-            cache, key_mask = request.cache, request.key_mask
+            (positions, _, _), = windows
+            cache, key_mask = batch[0].cache, batch[0].key_mask
+            positions = positions.expand(batch[0].n, -1)
         else:
             cache, key_mask = self._merge_caches(batch)
-        widths = [r.denoiser.end - r.denoiser.start + shift for r in batch]
-        width = max(widths)
-        spare = cache.slots - 1  # merged caches keep their last slot for padding
-        tokens = torch.full((cache.k[0].shape[0], width), self.special.pad, device=self.device)
-        positions = torch.full_like(tokens, spare)
-        offset = 0
-        for request, w in zip(batch, widths):
-            den = request.denoiser
-            tokens[offset:offset + request.n, :w] = den.x[:, den.start - shift:den.end]
-            positions[offset:offset + request.n, :w] = torch.arange(den.start - shift, den.end, device=self.device)
-            offset += request.n
+            # Shorter windows are padded by repeating their first position: the repeated
+            # write stores the same keys again, and the extra rows are never read.
+            width = max(len(pos) for pos, _, _ in windows)
+            positions = torch.cat([F.pad(pos, (0, width - len(pos)), value=int(pos[0])).expand(r.n, -1)
+                                   for r, (pos, _, _) in zip(batch, windows)])
+        tokens = torch.cat([r.denoiser.x.gather(1, pos) for r, pos in
+                            zip(batch, positions.split([r.n for r in batch]))])
         mask = key_mask[:, None, None] if key_mask is not None else None
-        hidden = self.model(tokens, positions, cache, attn_mask=mask)
+        wanted, picks = _union([rows for _, rows, _ in windows])
+        hidden = self.model(tokens, positions, cache, rows=wanted, attn_mask=mask)
         results, offset = [], 0
-        for request, w in zip(batch, widths):
-            n_mid = w - shift
-            results.append((request, self.model.logits(hidden[offset:offset + request.n, :n_mid])))
+        for request, (_, _, columns), pick in zip(batch, windows, picks):
+            logits = self.model.logits(hidden[offset:offset + request.n, pick])
+            results.append((request, logits, columns))
             offset += request.n
         return results
 
@@ -309,7 +316,7 @@ class Engine:
         key = tuple(r.id for r in batch)
         if self._merged is not None and self._merged[0] == key:
             return self._merged[1], self._merged[2]
-        slots = max(r.cache.slots for r in batch) + 1
+        slots = max(r.cache.slots for r in batch)
         rows = sum(r.n for r in batch)
         merged = self.model.new_cache(rows, slots)
         key_mask = torch.zeros(rows, slots, dtype=torch.bool, device=self.device)
@@ -324,3 +331,11 @@ class Engine:
             offset = end
         self._merged = (key, merged, key_mask)
         return merged, key_mask
+
+
+def _union(indices: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The sorted union of index sets, and where each set's members sit in it."""
+    if len(indices) == 1:
+        return indices[0], [torch.arange(len(indices[0]), device=indices[0].device)]
+    union = torch.cat(indices).unique()
+    return union, [torch.searchsorted(union, i) for i in indices]

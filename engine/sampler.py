@@ -89,13 +89,14 @@ def transfer_schedule(n: int, steps: int) -> list[int]:
 class Denoiser:
     """The state of one request's `rows` candidates while their middles are unmasked."""
 
-    def __init__(self, layout: Layout, rows: int, options: DecodeOptions, *, stop_ids: tuple[int, ...],
+    def __init__(self, layout: Layout, rows: int, options: DecodeOptions, *, stop_ids: tuple[int, int],
                  pad: int, mask: int, device, generator: torch.Generator | None = None):
         self.options, self.stop_ids, self.pad, self.mask = options, stop_ids, pad, mask
         self.start, self.end = layout.start, layout.end
         self.x = torch.tensor(layout.tokens, device=device).repeat(rows, 1)
         n = self.end - self.start
         self.masked = torch.ones(rows, n, dtype=torch.bool, device=device)
+        self.fresh = torch.zeros_like(self.masked)  # decoded last step: their keys are stale
         self.confidence = torch.zeros(rows, n, device=device)
         self.schedule = transfer_schedule(n, options.steps or n) if options.policy == "steps" else None
         self.steps = 0
@@ -109,28 +110,51 @@ class Denoiser:
     def done(self) -> bool:
         return not bool(self.masked.any())
 
-    def update(self, logits: Tensor) -> None:
-        """Unmask some positions from `logits` of shape (rows, n, vocab)."""
+    def columns_to_predict(self) -> Tensor:
+        """Middle columns still masked in some row: the only ones whose logits are needed."""
+        return self.masked.any(dim=0).nonzero()[:, 0]
+
+    def window(self, shift: int) -> tuple[Tensor, Tensor, Tensor]:
+        """What a cached step must feed: (positions, rows of them to predict from, columns).
+
+        Masked positions and those decoded last step are fed, so their keys in the cache are
+        refreshed (decoded tokens are then frozen, as in dKV-Cache); a shifted model also needs
+        the position before each masked one.
+        """
+        columns = self.columns_to_predict()
+        fed = torch.cat(((self.masked | self.fresh).any(dim=0).nonzero()[:, 0], columns - shift)).unique()
+        rows = torch.searchsorted(fed, columns - shift)
+        return fed + self.start, rows, columns
+
+    def update(self, logits: Tensor, columns: Tensor) -> None:
+        """Unmask some positions from `logits` (rows, len(columns), vocab) of middle `columns`."""
         if not bool(torch.isfinite(logits).all()):
             raise EngineError("the model produced NaN or infinite logits")
-        tokens, confidence, score = self._draw(logits)
+        drawn, drawn_confidence, drawn_score = self._draw(logits)
         masked = self.masked
-        rank = torch.where(masked, score, -torch.inf).argsort(dim=1, descending=True).argsort(dim=1)
+        tokens = torch.zeros_like(self.middle).index_copy_(1, columns, drawn)
+        confidence = torch.zeros_like(self.confidence).index_copy_(1, columns, drawn_confidence)
+        score = torch.full_like(self.confidence, -torch.inf).index_copy_(1, columns, drawn_score)
+        score = torch.where(masked, score, -torch.inf)
         policy = self.options.policy
         if policy == "threshold":
-            keep = masked & ((confidence >= self.options.threshold) | (rank == 0))
+            keep = confidence >= self.options.threshold
+            keep.scatter_(1, score.argmax(dim=1, keepdim=True), True)  # at least one per step
         else:
-            count = self.schedule[min(self.steps, len(self.schedule) - 1)] if policy == "steps" else self.options.tokens_per_step
-            keep = masked & (rank < count)
+            count = self.schedule[min(self.steps, len(self.schedule) - 1)] if policy == "steps" \
+                else self.options.tokens_per_step
+            keep = torch.zeros_like(masked).scatter_(1, score.topk(min(count, score.shape[1]), dim=1).indices, True)
+        keep &= masked
         middle = self.middle
         middle[keep] = tokens[keep]
         self.confidence[keep] = confidence[keep]
         masked &= ~keep
         # Everything after the first decoded EOS or pad is pad: the infill ends there.
-        ended = ~masked & torch.isin(middle, torch.tensor(self.stop_ids, device=middle.device))
+        ended = ~masked & ((middle == self.stop_ids[0]) | (middle == self.stop_ids[1]))
         after_end = (ended.cumsum(dim=1) > 0) & masked
         middle[after_end] = self.pad
         masked &= ~after_end
+        self.fresh = keep | after_end
         self.steps += 1
 
     def _draw(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,126 @@
+"""`lacuna`: the command line. Each subcommand is a thin wrapper over the package that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="DIR", help="checkpoint directory (Hugging Face layout, safetensors)")
+    parser.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
+
+
+def _load_engine(args, **kwargs):
+    from engine.runner import Engine
+
+    if args.model is None:
+        print("lacuna: no model given and no bundled model yet: using a tiny random-weight model, "
+              "whose completions are noise (pass --model DIR for a real checkpoint)", file=sys.stderr)
+    return Engine.load(args.model, device=args.device, **kwargs)
+
+
+def offset_of(text: str, line: int, character: int) -> int:
+    """The string index of an LSP position (0-based line, UTF-16 character, clamped to the line)."""
+    lines = text.split("\n")
+    if not 0 <= line < len(lines) or character < 0:
+        raise ValueError(f"position {line}:{character} is outside the file ({len(lines)} lines)")
+    start = sum(len(s) + 1 for s in lines[:line])
+    units = 0
+    for index, ch in enumerate(lines[line]):
+        if units >= character:
+            return start + index
+        units += 2 if ord(ch) > 0xFFFF else 1
+    return start + len(lines[line])
+
+
+def cmd_complete(args) -> int:
+    from engine.sampler import DecodeOptions
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+        offset = offset_of(text, args.line, args.character)
+        options = DecodeOptions(policy=args.policy, threshold=args.threshold, steps=args.steps)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        print(f"lacuna complete: {err}", file=sys.stderr)
+        return 2
+    engine = _load_engine(args, max_tokens=max(args.tokens, 1))
+    start = time.perf_counter()
+    try:
+        completion = engine.complete(text[:offset], text[offset:], args.tokens, options=options)[0]
+    except ValueError as err:
+        print(f"lacuna complete: {err}", file=sys.stderr)
+        return 2
+    latency_ms = (time.perf_counter() - start) * 1000
+    if args.json:
+        print(json.dumps({
+            "text": completion.text, "steps": completion.steps, "latency_ms": round(latency_ms, 2),
+            "finish_reason": completion.finish_reason, "token_ids": completion.token_ids,
+            "confidences": [round(c, 4) for c in completion.confidences], "model": engine.loaded.name,
+        }))
+    else:
+        print(completion.text)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from engine import bench
+    from engine.loader import load_checkpoint, random_model
+    from engine.runner import Engine, default_device, default_dtype
+
+    device = args.device or default_device()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or default_dtype(device)
+    shape = args.shape or ("model" if args.model else "tiny")
+    loaded = load_checkpoint(args.model, device, dtype) if args.model else random_model(shape, device, dtype)
+    engine = Engine(loaded, max_tokens=128)
+    if args.quick:
+        plan = dict(contexts=(2048,), middles=(64,), reps=3)
+    else:
+        plan = dict(contexts=(512, 2048), middles=(16, 32, 64, 128), reps=args.reps)
+    progress = None if args.json else (lambda row: print(bench.format_row(row), flush=True))
+    rows = bench.run(engine, shape=shape if not args.model else loaded.name,
+                     tokens_per_step=args.tokens_per_step, progress=progress, **plan)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lacuna", description="Code completion from masked-diffusion models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    complete = sub.add_parser("complete", help="fill the middle at one position of a file")
+    complete.add_argument("file")
+    complete.add_argument("--line", type=int, required=True, help="0-based line")
+    complete.add_argument("--character", type=int, required=True, help="0-based UTF-16 column")
+    complete.add_argument("--tokens", type=int, default=32, help="masked tokens to fill (default 32)")
+    complete.add_argument("--policy", choices=["threshold", "steps", "fixed"], default="threshold")
+    complete.add_argument("--threshold", type=float, default=0.9)
+    complete.add_argument("--steps", type=int)
+    complete.add_argument("--json", action="store_true", help="print a JSON object with text, steps, latency_ms")
+    _add_model_args(complete)
+    complete.set_defaults(func=cmd_complete)
+
+    bench = sub.add_parser("bench", help="infill latency of the samplers and an autoregressive baseline")
+    bench.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    bench.add_argument("--quick", action="store_true", help="context 2048, middle 64 only")
+    bench.add_argument("--shape", choices=["tiny", "0.5b", "7b"], help="random weights of a real checkpoint's shape")
+    bench.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPUs, fp32 on CPUs")
+    bench.add_argument("--reps", type=int, default=5)
+    bench.add_argument("--tokens-per-step", type=int, default=4, help="fixed policy for random weights")
+    _add_model_args(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "shape", None) and getattr(args, "model", None):
+        parser.error("--shape and --model are exclusive")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
