@@ -48,7 +48,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict = field(default_factory=dict)
-    qkv_bias: bool = False
+    qkv_bias: bool = False  # Qwen2 always; Llama with attention_bias
+    o_bias: bool = False  # Llama with attention_bias only
     tie_embeddings: bool = False
 
     @property
@@ -86,7 +87,8 @@ class ModelConfig:
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=theta,
                 rope_scaling={} if rope_type == "default" else {**rope, "rope_type": rope_type},
-                qkv_bias=bool(cfg.get("attention_bias", style == "qwen2")),
+                qkv_bias=style == "qwen2" or bool(cfg.get("attention_bias", False)),
+                o_bias=style == "llama" and bool(cfg.get("attention_bias", False)),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             )
         except KeyError as missing:
@@ -109,7 +111,7 @@ class ModelConfig:
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_parameters": rope,
-            "attention_bias": self.qkv_bias,
+            "attention_bias": self.o_bias,
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",
         }

@@ -92,7 +92,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=config.o_bias)
 
     def forward(self, x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal, rows):
         """Writes keys and values of all of `x`; queries only `rows` of it when given."""

@@ -89,11 +89,13 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self._incoming: queue.Queue[Request | None] = queue.Queue()
         self._merged = None  # (request ids, merged cache, key mask) of the last window batch
+        # Counters for monitoring: denoising steps run, and the most requests one step served.
+        self.stats = {"steps": 0, "max_batch_requests": 0}
         self._worker = threading.Thread(target=self._serve, name="lacuna-engine", daemon=True)
         self._worker.start()
         atexit.register(self.close)  # the worker must not be running torch code at interpreter exit
         if warmup:
-            self.complete("def f(", "):\n    pass\n", 4)
+            self.complete("def f(", "):\n    pass\n", min(4, max_tokens))
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, device: str | None = None,
@@ -232,6 +234,8 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self, batch: list[Request]) -> None:
+        self.stats["steps"] += 1
+        self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], len(batch))
         encode, window = [], []
         for request in batch:
             opts = request.denoiser.options
@@ -254,7 +258,7 @@ class Engine:
     def _encode_step(self, batch: list[Request]) -> list[tuple[Request, Tensor, Tensor]]:
         """A full forward over each request's whole sequence, filling its context cache."""
         # Candidates share one encoding until their middles differ.
-        rows = [r.denoiser.x if r.cache is not None else r.denoiser.x[:1] for r in batch]
+        rows = [r.denoiser.x[:1] if r.denoiser.steps == 0 else r.denoiser.x for r in batch]
         longest = max(x.shape[1] for x in rows)
         padded = any(x.shape[1] < longest for x in rows)
         # Shorter rows are padded by repeating their first token at position 0, which writes the

@@ -119,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "shape", None) and getattr(args, "model", None):
         parser.error("--shape and --model are exclusive")
-    return args.func(args)
+    from engine.config import CheckpointError
+
+    try:
+        return args.func(args)
+    except CheckpointError as err:
+        print(f"lacuna: cannot load the model: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,61 @@
+"""`lacuna complete` and `lacuna bench`, run as the installed command."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lsp.cli import offset_of
+
+DEMO = Path(__file__).parent / "data" / "demo.py"
+
+
+def lacuna(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "lsp.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).parents[1])
+
+
+def test_complete_prints_json(checkpoints):
+    line = DEMO.read_text().split("\n").index("    return ")
+    run = lacuna("complete", DEMO, "--line", line, "--character", 11, "--json", "--tokens", 8,
+                 "--model", checkpoints["qwen2"])
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert {"text", "steps", "latency_ms"} <= set(out)
+    assert out["steps"] >= 1 and out["latency_ms"] > 0
+
+
+def test_complete_without_a_model_says_it_is_random():
+    run = lacuna("complete", DEMO, "--line", 0, "--character", 0, "--tokens", 4)
+    assert run.returncode == 0, run.stderr
+    assert "random-weight" in run.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--line", 999, "--character", 0], "outside the file"),
+    (["--line", 0, "--character", 0, "--tokens", 0], "n_tokens"),
+    (["--line", 0, "--character", 0, "--model", "/nonexistent"], "does not exist"),
+])
+def test_complete_bad_input(args, message):
+    run = lacuna("complete", DEMO, *args)
+    assert run.returncode == 2
+    assert message in run.stderr
+
+
+def test_offset_of_counts_utf16_units():
+    text = "a😀b\nxyz"
+    assert offset_of(text, 0, 3) == 2  # the emoji is two UTF-16 units
+    assert offset_of(text, 1, 99) == len(text)  # past the end of a line clamps to it
+
+
+def test_bench_quick_rows():
+    run = lacuna("bench", "--quick", "--json")
+    assert run.returncode == 0, run.stderr
+    rows = json.loads(run.stdout)
+    assert {r["sampler"] for r in rows} >= {"reference", "cached+threshold", "autoregressive"}
+    for row in rows:
+        assert (row["context"], row["middle"]) == (2048, 64)
+        assert {"shape", "p50_ms", "p95_ms", "tokens_per_s"} <= set(row)
+        assert row["p95_ms"] >= row["p50_ms"] > 0

@@ -1,0 +1,117 @@
+"""Checkpoint directories: what loads, and the one clear error for each thing that is wrong."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from engine.config import CheckpointError
+from engine.loader import byte_tokenizer, load_checkpoint, random_model, save_checkpoint
+
+
+def logits(loaded, ids):
+    model = loaded.model
+    with torch.no_grad():
+        return model.logits(model(ids, torch.arange(ids.shape[1])[None], model.new_cache(1, ids.shape[1])))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llada"])
+def test_roundtrip_gives_the_same_model(checkpoints, family):
+    loaded = load_checkpoint(checkpoints[family])
+    assert loaded.model.config.model_type == family
+    assert loaded.special.mask == loaded.tokenizer.token_to_id("<|mask|>")
+    assert loaded.special.bos == loaded.tokenizer.token_to_id("<|beginoftext|>")
+    again = load_checkpoint(checkpoints[family])
+    ids = torch.randint(0, 256, (1, 20))
+    assert torch.equal(logits(loaded, ids), logits(again, ids))
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    original = random_model("tiny", seed=5)
+    limit = 300 * 1024  # above the largest tensor, the 256 KiB embedding
+    save_checkpoint(original, tmp_path, max_shard_bytes=limit)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "model.safetensors").exists()
+    assert all(p.stat().st_size <= limit + 8192 for p in shards)  # + the JSON header
+    ids = torch.randint(0, 256, (1, 12))
+    assert torch.equal(logits(load_checkpoint(tmp_path), ids), logits(original, ids))
+
+
+def test_loads_a_transformers_checkpoint(tmp_path):
+    """A directory written by transformers' save_pretrained, with Dream's config keys."""
+    tokenizer = byte_tokenizer()
+    config = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    hf = Qwen2ForCausalLM._from_config(config, dtype=torch.float32)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(model_type="dream", eos_token_id=256)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"mask_token_id": 258}))
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.model.config.family.logit_shift == 1
+    assert (loaded.special.mask, loaded.special.eos, loaded.special.pad) == (258, 256, 256)
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=torch.zeros(1, 1, 16, 16)).logits
+    assert (logits(loaded, ids) - expected).abs().max() < 1e-4
+
+
+@pytest.fixture
+def broken(checkpoints, tmp_path):
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["qwen2"], directory)
+    return directory
+
+
+def edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+BREAKAGES = {
+    "no config": (lambda d: (d / "config.json").unlink(), "config.json"),
+    "no tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json"),
+    "no weights": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors"),
+    "pickled weights only": (lambda d: ((d / "model.safetensors").rename(d / "pytorch_model.bin")), "pickled"),
+    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:1000]), "corrupt"),
+    "garbage config": (lambda d: (d / "config.json").write_text("{not json"), "config.json"),
+    "garbage tokenizer": (lambda d: (d / "tokenizer.json").write_text("[]"), "tokenizer.json"),
+    "unsupported architecture": (lambda d: edit_json(d / "config.json", model_type="mamba"), "mamba"),
+    "unsupported rope": (lambda d: edit_json(d / "config.json", rope_parameters={"rope_type": "yarn"}), "yarn"),
+    "config key missing": (lambda d: edit_json(d / "config.json", hidden_size=None), "hidden_size"),
+    "shape mismatch": (lambda d: edit_json(d / "config.json", intermediate_size=999), "shape"),
+    "no mask token": (lambda d: (edit_json(d / "config.json", mask_token_id=None),
+                                 edit_json(d / "generation_config.json", mask_token_id=None),
+                                 edit_json(d / "tokenizer_config.json", mask_token=None)), "mask"),
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_broken_checkpoint_gets_one_clear_error(broken, breakage):
+    damage, named = BREAKAGES[breakage]
+    damage(broken)
+    with pytest.raises(CheckpointError, match=named):
+        load_checkpoint(broken)
+
+
+def test_missing_shard_is_named(tmp_path):
+    save_checkpoint(random_model("tiny"), tmp_path, max_shard_bytes=64 * 1024)
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=victim.name):
+        load_checkpoint(tmp_path)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nowhere")

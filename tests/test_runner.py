@@ -1,0 +1,172 @@
+"""The resident engine: cache exactness, batching, candidates, cancellation, budgets, bad input."""
+
+import dataclasses
+import threading
+from concurrent.futures import CancelledError
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from engine.loader import load_checkpoint, random_model
+from engine.runner import Engine
+from engine.sampler import DecodeOptions, EngineError
+
+from conftest import LLAMA
+
+PREFIX = "def mean(values):\n    total = sum(values)\n    return "
+SUFFIX = "\n\n\nprint(mean([1, 2, 3]))\n"
+
+
+@pytest.mark.parametrize("options", [
+    DecodeOptions(policy="steps", steps=8),
+    DecodeOptions(policy="threshold", threshold=0.005),
+    DecodeOptions(policy="fixed", tokens_per_step=3, ordering="margin", temperature=0.7, top_p=0.9, seed=4),
+])
+def test_cache_refreshed_every_step_equals_the_reference(family_engine, options):
+    reference = family_engine.complete(PREFIX, SUFFIX, 24, n=2, options=dataclasses.replace(options, use_cache=False))
+    cached = family_engine.complete(PREFIX, SUFFIX, 24, n=2, options=dataclasses.replace(options, refresh_every=1))
+    assert [c.token_ids for c in cached] == [c.token_ids for c in reference]
+    assert [c.steps for c in cached] == [c.steps for c in reference]
+
+
+def test_cached_sampler_returns_a_full_infill(family_engine):
+    completion, = family_engine.complete(PREFIX, SUFFIX, 16, options=DecodeOptions(policy="fixed"))
+    assert completion.steps == 4
+    assert len(completion.confidences) == len(completion.token_ids)
+    assert completion.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llada"])
+def test_logit_shift_per_family_against_transformers(checkpoints, family):
+    """One masked token, decoded greedily, is transformers' argmax at the family's position."""
+    loaded = load_checkpoint(checkpoints[family])
+    config = loaded.model.config.to_hf()
+    hf_cls, cfg_cls = (Qwen2ForCausalLM, Qwen2Config) if family == "qwen2" else (LlamaForCausalLM, LlamaConfig)
+    hf_config = cfg_cls(**{k: v for k, v in config.items() if k != "model_type"})
+    hf = hf_cls._from_config(hf_config, dtype=torch.float32).eval()
+    hf.load_state_dict(loaded.model.state_dict(), strict=False)
+    engine = Engine(loaded, warmup=False)
+    try:
+        completion, = engine.complete(PREFIX, SUFFIX, 1, options=DecodeOptions(policy="steps", use_cache=False))
+    finally:
+        engine.close()
+    ids = engine.encode(PREFIX)
+    tokens = [loaded.special.bos] + ids + [loaded.special.mask] + engine.encode(SUFFIX)
+    if family == "qwen2":
+        tokens.append(loaded.special.eos)  # the Dream family closes the suffix with EOS
+    start = 1 + len(ids)
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([tokens]), attention_mask=torch.zeros(1, 1, len(tokens), len(tokens))).logits
+    row = logits[0, start - 1 if family == "qwen2" else start]
+    row[loaded.special.mask] = -torch.inf
+    expected = int(row.argmax())
+    if expected in (loaded.special.eos, loaded.special.pad):
+        assert completion.token_ids == [] and completion.finish_reason == "stop"
+    else:
+        assert completion.token_ids == [expected]
+
+
+def test_concurrent_callers_share_denoising_steps(engine):
+    prompts = [("x" * i + PREFIX, SUFFIX[: 20 - i], 8 + 2 * i) for i in range(6)]
+    options = DecodeOptions(policy="steps")
+    alone = [engine.complete(p, s, n, options=options)[0].token_ids for p, s, n in prompts]
+    engine.stats["max_batch_requests"] = 0
+    results = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def call(i):
+        barrier.wait()
+        prefix, suffix, n = prompts[i]
+        results[i] = engine.complete(prefix, suffix, n, options=options)[0].token_ids
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == alone
+    assert engine.stats["max_batch_requests"] > 1
+
+
+def test_candidates_share_one_batch(engine):
+    before = engine.stats["steps"]
+    sampled = engine.complete(PREFIX, SUFFIX, 12, n=4, options=DecodeOptions(temperature=1.0, seed=7))
+    assert len(sampled) == 4
+    assert engine.stats["steps"] - before == max(c.steps for c in sampled)  # one forward per step, not per row
+    assert len({tuple(c.token_ids) for c in sampled}) > 1
+    greedy = engine.complete(PREFIX, SUFFIX, 12, n=3)
+    assert len({tuple(c.token_ids) for c in greedy}) == 1
+
+
+def test_cancel_stops_within_one_step(engine):
+    slow = DecodeOptions(policy="steps", use_cache=False)
+    request = engine.submit(PREFIX * 40, SUFFIX * 10, 200, options=slow)
+    while engine.stats["steps"] == 0 or not request.denoiser.steps:
+        threading.Event().wait(0.01)
+    assert request.cancel()
+    at_cancel = engine.stats["steps"]
+    with pytest.raises(CancelledError):
+        request.result(timeout=60)
+    assert engine.stats["steps"] - at_cancel <= 1
+    assert request.denoiser.steps < 200
+    assert not request.cancel()  # already finished
+    assert not engine.cancel(request.id)
+    assert not engine.cancel(123456)  # unknown
+    assert engine.complete(PREFIX, SUFFIX, 4)[0].steps >= 1  # still serving
+
+
+def test_time_budget_returns_what_is_decoded(engine):
+    nothing, = engine.complete(PREFIX, SUFFIX, 16, time_budget=0)
+    assert (nothing.text, nothing.steps, nothing.finish_reason) == ("", 0, "budget")
+    slow = DecodeOptions(policy="steps", use_cache=False)
+    partial, = engine.complete(PREFIX * 40, SUFFIX, 200, options=slow, time_budget=0.3)
+    assert partial.finish_reason == "budget"
+    assert 0 < partial.steps < 200
+
+
+def test_bad_requests_get_clear_errors(engine):
+    for n_tokens in (0, -3, engine.max_tokens + 1):
+        with pytest.raises(ValueError, match="n_tokens"):
+            engine.submit(PREFIX, SUFFIX, n_tokens)
+    with pytest.raises(ValueError, match="n must"):
+        engine.submit(PREFIX, SUFFIX, 4, n=0)
+    assert engine.complete("", "", 4)[0].steps >= 1
+    assert engine.complete("", SUFFIX, 4)[0].steps >= 1
+    assert engine.complete(PREFIX, "", 4)[0].steps >= 1
+
+
+def test_context_longer_than_the_model_is_trimmed():
+    config = dataclasses.replace(LLAMA, max_position_embeddings=64)
+    engine = Engine(random_model(config))
+    try:
+        completion, = engine.complete(PREFIX * 20, SUFFIX * 20, 16, options=DecodeOptions(policy="fixed"))
+        assert completion.steps == 4
+        with pytest.raises(ValueError, match="do not fit"):
+            engine.submit(PREFIX, SUFFIX, 64)
+    finally:
+        engine.close()
+
+
+def test_nan_logits_fail_only_that_request():
+    loaded = random_model(LLAMA, seed=9)  # untied: a poisoned input embedding spares the output layer
+    poison = loaded.tokenizer.token_to_id("Z")
+    with torch.no_grad():
+        loaded.model.model.embed_tokens.weight[poison] = float("nan")
+    engine = Engine(loaded)
+    try:
+        bad = engine.submit("Z" + PREFIX, SUFFIX, 16, options=DecodeOptions(policy="steps"))
+        good = engine.submit(PREFIX, SUFFIX, 16, options=DecodeOptions(policy="steps"))
+        with pytest.raises(EngineError, match="NaN"):
+            bad.result(timeout=60)
+        assert good.result(timeout=60)[0].steps == 16
+        assert engine.complete(PREFIX, SUFFIX, 4)[0].steps >= 1
+    finally:
+        engine.close()
+
+
+def test_closed_engine_refuses_work():
+    engine = Engine(random_model("tiny"), warmup=False)
+    engine.close()
+    with pytest.raises(EngineError, match="closed"):
+        engine.submit(PREFIX, SUFFIX, 4)

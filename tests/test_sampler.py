@@ -1,0 +1,153 @@
+"""Layout and unmasking policies, on logits written by hand."""
+
+import pytest
+import torch
+
+from engine.sampler import DecodeOptions, Denoiser, EngineError, build_layout, top_p_filter, transfer_schedule
+
+MASK, EOS, BOS, PAD = 9, 8, 7, 8
+VOCAB = 10
+
+
+def layout(prefix=(1, 2), suffix=(3,), n=4, **kw):
+    args = dict(mask=MASK, bos=BOS, eos=EOS, eos_after_suffix=True, shifted=True, max_len=100)
+    return build_layout(list(prefix), list(suffix), n, **{**args, **kw})
+
+
+def test_layout_per_family():
+    dream = layout()
+    assert dream.tokens == [BOS, 1, 2, MASK, MASK, MASK, MASK, 3, EOS]
+    assert (dream.start, dream.end) == (3, 7)
+    llada = layout(eos_after_suffix=False, shifted=False)
+    assert llada.tokens == [BOS, 1, 2, MASK, MASK, MASK, MASK, 3]
+
+
+def test_layout_with_empty_context():
+    assert layout(prefix=(), suffix=(), n=2).tokens == [BOS, MASK, MASK, EOS]
+    # A shifted model without BOS still needs a position before the first mask.
+    assert layout(prefix=(), suffix=(), n=2, bos=None).tokens == [EOS, MASK, MASK, EOS]
+    assert layout(prefix=(), suffix=(), n=2, bos=None, shifted=False).tokens == [MASK, MASK, EOS]
+
+
+def test_layout_trims_the_far_ends():
+    out = layout(prefix=range(100, 200), suffix=range(300, 400), n=10, max_len=50)
+    assert len(out.tokens) == 50
+    middle = out.tokens.index(MASK)
+    assert out.tokens[middle - 1] == 199  # the prefix keeps its end
+    assert out.tokens[middle + 10] == 300  # the suffix keeps its start
+    with pytest.raises(ValueError, match="do not fit"):
+        layout(n=60, max_len=50)
+
+
+def test_transfer_schedule():
+    assert transfer_schedule(10, 4) == [3, 3, 2, 2]
+    assert transfer_schedule(3, 8) == [1, 1, 1]
+
+
+def logits_for(rows):
+    """Logits (1, n, VOCAB) that put probability p on token t at each position."""
+    out = torch.full((1, len(rows), VOCAB), -1e9)
+    for i, (token, p) in enumerate(rows):
+        rest = (1 - p) / (VOCAB - 1)
+        out[0, i] = torch.log(torch.full((VOCAB,), rest))
+        out[0, i, token] = torch.log(torch.tensor(p))
+    return out
+
+
+def denoiser(n=4, **options):
+    return Denoiser(layout(n=n), 1, DecodeOptions(**options), stop_ids=(EOS, PAD), pad=PAD, mask=MASK,
+                    device="cpu")
+
+
+def step(den, rows):
+    den.update(logits_for(rows), torch.arange(len(rows)))
+
+
+def test_threshold_unmasks_every_confident_position():
+    den = denoiser(policy="threshold", threshold=0.9)
+    step(den, [(1, 0.95), (2, 0.5), (3, 0.92), (4, 0.3)])
+    assert den.masked.tolist() == [[False, True, False, True]]
+    assert den.middle.tolist() == [[1, MASK, 3, MASK]]
+
+
+def test_threshold_unmasks_at_least_one():
+    den = denoiser(policy="threshold", threshold=0.99)
+    step(den, [(1, 0.2), (2, 0.6), (3, 0.3), (4, 0.3)])
+    assert den.masked.tolist() == [[True, False, True, True]]
+
+
+def test_low_confidence_remasking_follows_the_schedule():
+    den = denoiser(n=4, policy="steps", steps=2)
+    step(den, [(1, 0.2), (2, 0.6), (3, 0.7), (4, 0.3)])
+    assert den.masked.tolist() == [[True, False, False, True]]
+    step(den, [(1, 0.2), (2, 0.6), (3, 0.7), (4, 0.3)])
+    assert den.done and den.steps == 2
+    assert den.result_rows()[0][0] == [1, 2, 3, 4]
+
+
+def test_orderings_rank_positions_differently():
+    spread = lambda mass, k: [mass / k] * k  # noqa: E731
+    probs = torch.tensor([[
+        [0.49, 0.49, 0.02] + [1e-9] * 7,  # lowest entropy
+        [0.5, 0.44] + spread(0.06, 8),  # highest confidence
+        [0.42] + spread(0.58, 9),  # widest margin
+    ]])
+    for ordering, chosen in (("entropy", 0), ("confidence", 1), ("margin", 2)):
+        den = denoiser(n=3, policy="fixed", tokens_per_step=1, ordering=ordering)
+        den.update(probs.log(), torch.arange(3))
+        assert den.masked[0].tolist().index(False) == chosen, ordering
+
+
+def test_eos_ends_the_infill():
+    den = denoiser(n=4, policy="threshold", threshold=0.9)
+    step(den, [(5, 0.95), (EOS, 0.95), (2, 0.1), (3, 0.1)])
+    assert den.done  # the masks after EOS became pad
+    assert den.middle.tolist() == [[5, EOS, PAD, PAD]]
+    tokens, confidences = den.result_rows()[0]
+    assert tokens == [5] and len(confidences) == 1
+
+
+def test_partial_result_stops_at_the_first_mask():
+    den = denoiser(n=4, policy="threshold", threshold=0.9)
+    step(den, [(5, 0.95), (6, 0.1), (7, 0.95), (3, 0.1)])
+    assert den.result_rows(partial=True)[0][0] == [5]
+
+
+def test_mask_token_is_never_predicted():
+    den = denoiser(n=2, policy="threshold", threshold=0.5)
+    step(den, [(MASK, 0.99), (MASK, 0.99)])
+    assert MASK not in den.middle.tolist()[0][:1]
+
+
+def test_non_finite_logits_fail_the_request():
+    den = denoiser(n=2)
+    bad = logits_for([(1, 0.9), (2, 0.9)])
+    bad[0, 1, 3] = float("nan")
+    with pytest.raises(EngineError, match="NaN"):
+        den.update(bad, torch.arange(2))
+
+
+def test_top_p_keeps_the_smallest_sufficient_set():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert top_p_filter(probs, 0.7)[0].tolist() == pytest.approx([0.625, 0.375, 0, 0])
+    assert top_p_filter(probs, 1.0)[0].tolist() == pytest.approx(probs[0].tolist())
+
+
+def test_temperature_sampling_is_seeded():
+    def draw(seed):
+        gen = torch.Generator().manual_seed(seed)
+        den = Denoiser(layout(n=6), 2, DecodeOptions(temperature=1.0, top_p=0.9), stop_ids=(EOS, PAD),
+                       pad=PAD, mask=MASK, device="cpu", generator=gen)
+        flat = torch.zeros(2, 6, VOCAB)
+        den.update(flat, torch.arange(6))
+        return den.middle.tolist()
+    assert draw(1) == draw(1)
+    assert any(draw(1) != draw(seed) for seed in range(2, 6))
+
+
+@pytest.mark.parametrize("bad", [dict(policy="greedy"), dict(ordering="random"), dict(steps=0),
+                                 dict(threshold=1.5), dict(temperature=-1), dict(top_p=0),
+                                 dict(tokens_per_step=0), dict(refresh_every=-1)])
+def test_invalid_options(bad):
+    with pytest.raises(ValueError):
+        DecodeOptions(**bad)
