@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from .runner import Engine, GraphedForward
+from .graphs import GRAPH_CHUNK, Replay
+from .runner import Engine
 from .sampler import DecodeOptions
 
 SAMPLERS = ("reference", "cached", "cached+threshold", "autoregressive")
@@ -38,44 +39,65 @@ def decode_options(sampler: str, random_weights: bool, tokens_per_step: int) -> 
 class Autoregressive:
     """The baseline: the network run causally, greedy, one token per step with a KV cache.
 
-    On CUDA each step replays a CUDA graph over a masked, fixed-size cache, as gpt-fast does,
-    so the baseline is held to the same launch overhead as the diffusion engine.
+    On CUDA it decodes in chunks of GRAPH_CHUNK steps replayed as one CUDA graph over a masked,
+    fixed-size cache, exactly as the diffusion engine steps, so both pay the same launch costs.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, graphs: bool | None = None):
         self.model = model
-        self.graphs: dict[int, GraphedForward] = {}
+        device = model.lm_head.weight.device
+        self.graphed = device.type == "cuda" if graphs is None else graphs  # on CPUs: replayed eagerly
+        self.graphs: dict[int, tuple[Replay, dict]] = {}
 
     @torch.inference_mode()
     def __call__(self, context: list[int], n: int) -> list[int]:
-        model, device = self.model, self.model.lm_head.weight.device
-        slots = len(context) + n
-        graph = None
-        if device.type == "cuda":
-            graph = self.graphs.get(slots)
-            if graph is None:
-                zeros = torch.zeros(1, 1, dtype=torch.long, device=device)
-                graph = self.graphs[slots] = GraphedForward(
-                    model, model.new_cache(1, slots), zeros, zeros.clone(),
-                    torch.zeros(1, 1, 1, slots, dtype=torch.bool, device=device))
-            graph.attn_mask.zero_()
-            graph.attn_mask[..., :len(context)] = True
-        cache = graph.cache if graph else model.new_cache(1, slots)
+        model, device, graphed = self.model, self.model.lm_head.weight.device, self.graphed
+        slots = len(context) + n + GRAPH_CHUNK  # room for a last chunk's extra steps
+        if graphed:
+            replay, state = self.graphs.get(slots) or self._graph(slots)
+            cache = state["cache"]
+        else:
+            cache = model.new_cache(1, slots)
         last = torch.tensor([len(context) - 1], device=device)
         hidden = model(torch.tensor([context], device=device), torch.arange(len(context), device=device)[None],
                        cache, rows=last, kv_len=len(context), causal=True)
         token = model.logits(hidden[:, -1]).argmax(-1, keepdim=True)
-        out = [token]
-        for position in range(len(context), slots - 1):
-            pos = torch.full((1, 1), position, device=device)
-            if graph:
-                graph.attn_mask[..., position] = True
-                hidden = graph(token, pos)
-            else:
-                hidden = model(token, pos, cache, kv_len=position + 1)
-            token = model.logits(hidden[:, -1]).argmax(-1, keepdim=True)
-            out.append(token)
-        return torch.cat(out, dim=1)[0].tolist()  # one host sync, at the end
+        out = [token[0]]
+        if graphed:
+            state["token"].copy_(token)
+            state["position"].fill_(len(context))
+            state["mask"].zero_()
+            state["mask"][..., :len(context)] = True
+            for _ in range(0, n - 1, GRAPH_CHUNK):
+                replay()
+                out.append(state["chunk"].clone())
+        else:
+            for position in range(len(context), len(context) + n - 1):
+                hidden = model(token, torch.full((1, 1), position, device=device), cache, kv_len=position + 1)
+                token = model.logits(hidden[:, -1]).argmax(-1, keepdim=True)
+                out.append(token[0])
+        return torch.cat(out)[:n].tolist()  # one host sync, at the end
+
+    def _graph(self, slots: int) -> tuple[Replay, dict]:
+        model, device = self.model, self.model.lm_head.weight.device
+        state = {
+            "cache": model.new_cache(1, slots),
+            "token": torch.zeros(1, 1, dtype=torch.long, device=device),
+            "position": torch.zeros(1, 1, dtype=torch.long, device=device),
+            "mask": torch.zeros(1, 1, 1, slots, dtype=torch.bool, device=device),
+            "chunk": torch.zeros(GRAPH_CHUNK, dtype=torch.long, device=device),
+        }
+
+        def steps():
+            for i in range(GRAPH_CHUNK):
+                state["mask"].scatter_(3, state["position"].view(1, 1, 1, 1), True)
+                hidden = model(state["token"], state["position"], state["cache"], attn_mask=state["mask"])
+                state["token"].copy_(model.logits(hidden[:, -1]).argmax(-1, keepdim=True))
+                state["chunk"][i] = state["token"][0, 0]
+                state["position"] += 1
+
+        self.graphs[slots] = Replay(steps, device), state
+        return self.graphs[slots]
 
 
 def _timed(fn, reps: int, sync) -> list[float]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .loader import LoadedModel, load_checkpoint, random_model
+from .graphs import GRAPH_CHUNK, StepGraph, cache_slots
 from .model import KVCache
 from .sampler import DecodeOptions, Denoiser, EngineError, build_layout
 
@@ -49,8 +50,7 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device in ("cuda", "mps") else torch.float32
 
 
-GRAPH_SLOTS = 256  # CUDA graphs are captured for caches of a multiple of this many slots
-MAX_GRAPHS = 8  # captured graphs kept, least recently used dropped first
+MAX_GRAPHS = 8  # captured step graphs kept, the least recently used dropped first
 
 
 class Request:
@@ -80,7 +80,7 @@ class Request:
 
 class Engine:
     def __init__(self, loaded: LoadedModel, *, max_tokens: int = 256, max_batch_rows: int = 64,
-                 cuda_graphs: bool | None = None, warmup: bool = True):
+                 cuda_graphs: bool | None = None, full_windows: bool | None = None, warmup: bool = True):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -89,9 +89,16 @@ class Engine:
         self.device = self.model.lm_head.weight.device
         self.max_tokens = max_tokens
         self.max_batch_rows = max_batch_rows
-        # A request stepping alone replays a CUDA graph: eager launches would dominate its step.
+        # A greedy request stepping alone runs chunks of steps as CUDA graph replays (see
+        # graphs.py); graphs need static shapes, so each step then feeds the whole middle
+        # (full windows) rather than only the masked positions.
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphs: dict[tuple[int, int, int], GraphedForward] = {}
+        self.full_windows = self.cuda_graphs if full_windows is None else full_windows
+        self._graphs: dict[tuple, StepGraph] = {}
+        if self.device.type == "cuda":
+            # cuDNN's attention spends milliseconds of CPU time per call on changing shapes;
+            # flash and memory-efficient attention do not.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self._ids = itertools.count(1)
         self._requests: dict[int, Request] = {}
         self._incoming: queue.Queue[Request | None] = queue.Queue()
@@ -253,6 +260,8 @@ class Engine:
         if encode:
             results += self._encode_step(encode)
             self._merged = None
+        if len(window) == 1 and self._run_graph(window[0]):
+            window = []
         if window:
             results += self._window_step(window)
         for request, logits, columns in results:
@@ -298,24 +307,18 @@ class Engine:
 
     def _window_step(self, batch: list[Request]) -> list[tuple[Request, Tensor, Tensor]]:
         """A forward of only the masked (and just decoded) positions against the cached context."""
-        windows = [r.denoiser.window(self.family.logit_shift) for r in batch]
-        graph = self._graph_for(batch[0]) if len(batch) == 1 and self.cuda_graphs else None
-        if graph is not None:
-            positions = _pad_window(windows[0][0], graph.tokens.shape[1]).expand(batch[0].n, -1)
-            hidden = graph(batch[0].denoiser.x.gather(1, positions), positions)
-            picks = [windows[0][1]]
+        windows = [r.denoiser.window(self.family.logit_shift, full=self.full_windows) for r in batch]
+        if len(batch) == 1:
+            cache, key_mask = batch[0].cache, batch[0].key_mask
         else:
-            if len(batch) == 1:
-                cache, key_mask = batch[0].cache, batch[0].key_mask
-            else:
-                cache, key_mask = self._merge_caches(batch)
-            width = max(len(pos) for pos, _, _ in windows)
-            positions = torch.cat([_pad_window(pos, width).expand(r.n, -1) for r, (pos, _, _) in zip(batch, windows)])
-            tokens = torch.cat([r.denoiser.x.gather(1, pos) for r, pos in
-                                zip(batch, positions.split([r.n for r in batch]))])
-            mask = key_mask[:, None, None] if key_mask is not None else None
-            wanted, picks = _union([rows for _, rows, _ in windows])
-            hidden = self.model(tokens, positions, cache, rows=wanted, attn_mask=mask)
+            cache, key_mask = self._merge_caches(batch)
+        width = max(len(pos) for pos, _, _ in windows)
+        positions = torch.cat([_pad_window(pos, width).expand(r.n, -1) for r, (pos, _, _) in zip(batch, windows)])
+        tokens = torch.cat([r.denoiser.x.gather(1, pos) for r, pos in
+                            zip(batch, positions.split([r.n for r in batch]))])
+        mask = key_mask[:, None, None] if key_mask is not None else None
+        wanted, picks = _union([rows for _, rows, _ in windows])
+        hidden = self.model(tokens, positions, cache, rows=wanted, attn_mask=mask)
         results, offset = [], 0
         for request, (_, _, columns), pick in zip(batch, windows, picks):
             logits = self.model.logits(hidden[offset:offset + request.n, pick])
@@ -323,38 +326,35 @@ class Engine:
             offset += request.n
         return results
 
-    def _graph_for(self, request: Request) -> "GraphedForward | None":
-        """The CUDA graph for a request stepping alone, its cache moved into the graph's own.
-
-        Shapes are made static: the window is padded to the whole middle and the cache to a
-        multiple of GRAPH_SLOTS, with the slots past the request's keys masked.
-        """
-        den, own = request.denoiser, request.cache.slots
-        rows, width = request.n, den.end - den.start + self.family.logit_shift
-        slots = -(-own // GRAPH_SLOTS) * GRAPH_SLOTS
-        key = (rows, width, slots)
+    def _run_graph(self, request: Request) -> bool:
+        """Advance a lone greedy request by a chunk of graphed steps; False if it cannot be."""
+        den = request.denoiser
+        if not self.cuda_graphs or den.options.temperature > 0:
+            return False
+        chunk = GRAPH_CHUNK
+        if den.options.refresh_every:
+            chunk = min(chunk, den.options.refresh_every - request.since_encode)
+        counts = tuple(den.step_count(den.steps + i) for i in range(chunk))
+        shift = self.family.logit_shift
+        key = (request.n, den.end - den.start + shift, cache_slots(request.cache.slots), den.options, counts)
         graph = self._graphs.pop(key, None)
         if graph is None:
             if len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))  # the least recently used
-            device = self.device
-            graph = GraphedForward(self.model, self.model.new_cache(rows, slots),
-                                   torch.zeros(rows, width, dtype=torch.long, device=device),
-                                   torch.zeros(rows, width, dtype=torch.long, device=device),
-                                   torch.zeros(rows, 1, 1, slots, dtype=torch.bool, device=device))
+            graph = StepGraph(self.model, *key[:3], shift, den.options, counts, self.special)
         self._graphs[key] = graph
         if graph.owner not in (None, request) and not graph.owner.future.done():
-            return None  # another live request's keys are in it
+            return False  # another live request's keys are in it
         if request.cache is not graph.cache:
-            for dst, src in zip(graph.cache.k + graph.cache.v, request.cache.k + request.cache.v):
-                dst[:, :, :own] = src
-                dst[:, :, own:] = 0  # masked, but stale values of an earlier request must be finite
-            graph.attn_mask.zero_()
-            graph.attn_mask[:, 0, 0, :own] = True if request.key_mask is None else request.key_mask
-            request.cache, request.key_mask = graph.cache, graph.attn_mask[:, 0, 0]
-            graph.owner = request
+            graph.take(request)
             self._merged = None
-        return graph
+        before = den.steps
+        try:
+            graph.run(den)
+        except EngineError as err:
+            self._finish(request, error=err)
+        request.since_encode += den.steps - before
+        return True
 
     def _merge_caches(self, batch: list[Request]) -> tuple[KVCache, Tensor]:
         """One padded cache for several requests, kept while the same requests step together."""
@@ -382,31 +382,6 @@ def _pad_window(positions: Tensor, width: int) -> Tensor:
     """Pad a window to `width` by repeating its first position: the repeated write stores the
     same keys again, and the extra rows are never read."""
     return torch.cat((positions, positions[:1].expand(width - len(positions))))
-
-
-class GraphedForward:
-    """One model forward captured as a CUDA graph over static inputs, as gpt-fast decodes: a
-    replay is one launch instead of one per kernel. `owner` is the request whose keys are in
-    `cache`."""
-
-    def __init__(self, model, cache: KVCache, tokens: Tensor, positions: Tensor, attn_mask: Tensor):
-        self.cache, self.tokens, self.positions, self.attn_mask = cache, tokens, positions, attn_mask
-        self.owner: Request | None = None
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm up outside the graph: cuBLAS workspaces, kernel selection
-                model(tokens, positions, cache, attn_mask=attn_mask)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.hidden = model(tokens, positions, cache, attn_mask=attn_mask)
-
-    def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        self.graph.replay()
-        return self.hidden
 
 
 def _union(indices: list[Tensor]) -> tuple[Tensor, list[Tensor]]:

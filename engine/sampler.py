@@ -114,48 +114,59 @@ class Denoiser:
         """Middle columns still masked in some row: the only ones whose logits are needed."""
         return self.masked.any(dim=0).nonzero()[:, 0]
 
-    def window(self, shift: int) -> tuple[Tensor, Tensor, Tensor]:
+    def window(self, shift: int, full: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """What a cached step must feed: (positions, rows of them to predict from, columns).
 
         Masked positions and those decoded last step are fed, so their keys in the cache are
         refreshed (decoded tokens are then frozen, as in dKV-Cache); a shifted model also needs
-        the position before each masked one.
+        the position before each masked one. `full` feeds the whole middle, as Fast-dLLM does.
         """
         columns = self.columns_to_predict()
-        fed = torch.cat(((self.masked | self.fresh).any(dim=0).nonzero()[:, 0], columns - shift)).unique()
+        if full:
+            fed = torch.arange(-shift, self.end - self.start, device=self.x.device)
+        else:
+            fed = torch.cat(((self.masked | self.fresh).any(dim=0).nonzero()[:, 0], columns - shift)).unique()
         rows = torch.searchsorted(fed, columns - shift)
         return fed + self.start, rows, columns
 
-    def update(self, logits: Tensor, columns: Tensor) -> None:
-        """Unmask some positions from `logits` (rows, len(columns), vocab) of middle `columns`."""
+    def update(self, logits: Tensor, columns: Tensor | None = None) -> None:
+        """One step: unmask positions from `logits` (rows, len(columns), vocab) of middle
+        `columns` (all columns when None)."""
         if not bool(torch.isfinite(logits).all()):
             raise EngineError("the model produced NaN or infinite logits")
-        drawn, drawn_confidence, drawn_score = self._draw(logits)
-        masked = self.masked
-        tokens = torch.zeros_like(self.middle).index_copy_(1, columns, drawn)
-        confidence = torch.zeros_like(self.confidence).index_copy_(1, columns, drawn_confidence)
-        score = torch.full_like(self.confidence, -torch.inf).index_copy_(1, columns, drawn_score)
+        self.unmask(logits, columns, self.step_count(self.steps))
+        self.steps += 1
+
+    def step_count(self, step: int) -> int | None:
+        """Tokens to unmask at `step` (None: as many as reach the threshold)."""
+        if self.options.policy == "steps":
+            return self.schedule[min(step, len(self.schedule) - 1)]
+        return self.options.tokens_per_step if self.options.policy == "fixed" else None
+
+    def unmask(self, logits: Tensor, columns: Tensor | None, count: int | None) -> None:
+        """The body of a step, in place and without host syncs, so a CUDA graph can hold it."""
+        drawn, confidence, score = self._draw(logits)
+        masked, middle = self.masked, self.middle
+        if columns is not None:
+            drawn = torch.zeros_like(middle).index_copy_(1, columns, drawn)
+            confidence = torch.zeros_like(self.confidence).index_copy_(1, columns, confidence)
+            score = torch.full_like(self.confidence, -torch.inf).index_copy_(1, columns, score)
         score = torch.where(masked, score, -torch.inf)
-        policy = self.options.policy
-        if policy == "threshold":
+        if count is None:
             keep = confidence >= self.options.threshold
             keep.scatter_(1, score.argmax(dim=1, keepdim=True), True)  # at least one per step
         else:
-            count = self.schedule[min(self.steps, len(self.schedule) - 1)] if policy == "steps" \
-                else self.options.tokens_per_step
             keep = torch.zeros_like(masked).scatter_(1, score.topk(min(count, score.shape[1]), dim=1).indices, True)
         keep &= masked
-        middle = self.middle
-        middle[keep] = tokens[keep]
-        self.confidence[keep] = confidence[keep]
+        middle.copy_(torch.where(keep, drawn, middle))
+        self.confidence.copy_(torch.where(keep, confidence, self.confidence))
         masked &= ~keep
         # Everything after the first decoded EOS or pad is pad: the infill ends there.
         ended = ~masked & ((middle == self.stop_ids[0]) | (middle == self.stop_ids[1]))
         after_end = (ended.cumsum(dim=1) > 0) & masked
-        middle[after_end] = self.pad
+        middle.copy_(torch.where(after_end, self.pad, middle))
         masked &= ~after_end
         self.fresh = keep | after_end
-        self.steps += 1
 
     def _draw(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Token choice, its probability, and the ordering score for every position."""

@@ -1,0 +1,110 @@
+"""CUDA graphs for the denoising loop: a chunk of steps replayed with one launch.
+
+Launching a step's few hundred kernels one by one costs more than running them on a GPU, and
+even one graph launch per step costs about a millisecond on virtualised machines. So a request
+that steps alone (greedy, on CUDA) runs GRAPH_CHUNK denoising steps, the forward of its whole
+middle and the unmasking, as one replay over static tensors, as gpt-fast does for decoding.
+On other devices `Replay` simply calls the function, so the same path is tested on CPUs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .model import Transformer
+from .sampler import DecodeOptions, Denoiser, EngineError, Layout
+
+GRAPH_CHUNK = 4  # denoising steps per replay: cancellation and budgets act between chunks
+GRAPH_SLOTS = 256  # graphs are captured for caches of a multiple of this many slots
+
+
+class Replay:
+    """`fn`, which reads and writes only tensors it keeps, captured once and replayed."""
+
+    def __init__(self, fn: Callable[[], None], device: torch.device):
+        self.fn, self.graph = fn, None
+        if device.type == "cuda":
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                fn()  # warm up outside the graph: cuBLAS workspaces, kernel selection
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                fn()
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.fn()
+
+
+class StepGraph:
+    """Chunks of denoising steps for one request shape: `rows` candidates, a window of `width`
+    positions (the middle, after the position that predicts its first token when the logits
+    are shifted), a cache of `slots` slots, one decoding policy and step counts.
+
+    Its tensors are static. A request moves its cache in when it takes the graph over (the
+    slots past its keys are masked), and its denoising state in and out around each replay.
+    """
+
+    def __init__(self, model: Transformer, rows: int, width: int, slots: int, shift: int,
+                 options: DecodeOptions, counts: tuple[int | None, ...], special):
+        device = model.lm_head.weight.device
+        self.shift, middle = shift, width - shift
+        self.cache = model.new_cache(rows, slots)
+        self.attn_mask = torch.zeros(rows, 1, 1, slots, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(rows, width, dtype=torch.long, device=device)
+        self.state = Denoiser(Layout([special.mask] * width, shift, width), rows, options,
+                              stop_ids=(special.eos, special.pad), pad=special.pad, mask=special.mask,
+                              device=device)
+        self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
+        self.steps_run = torch.zeros((), dtype=torch.long, device=device)
+        self.owner = None  # the request whose keys are in the cache
+
+        def steps():
+            for count in counts:
+                hidden = model(self.state.x, self.positions, self.cache, attn_mask=self.attn_mask)
+                logits = model.logits(hidden[:, :middle])
+                self.non_finite |= ~torch.isfinite(logits).all()
+                self.steps_run += self.state.masked.any()
+                self.state.unmask(logits, None, count)
+
+        self.replay = Replay(steps, device)
+
+    def take(self, request) -> None:
+        """Move `request`'s cache into the graph's; it then steps in place there."""
+        own, den = request.cache.slots, request.denoiser
+        for dst, src in zip(self.cache.k + self.cache.v, request.cache.k + request.cache.v):
+            dst[:, :, :own] = src
+            dst[:, :, own:] = 0  # masked, but stale values of an earlier request must be finite
+        self.attn_mask.zero_()
+        self.attn_mask[:, 0, 0, :own] = True if request.key_mask is None else request.key_mask
+        self.positions.copy_(torch.arange(den.start - self.shift, den.end, device=self.positions.device))
+        request.cache, request.key_mask = self.cache, self.attn_mask[:, 0, 0]
+        self.owner = request
+
+    def run(self, den: Denoiser) -> None:
+        """Advance `den` by one chunk of steps (fewer take effect once it is done)."""
+        window = den.x[:, den.start - self.shift:den.end]
+        self.state.x.copy_(window)
+        self.state.masked.copy_(den.masked)
+        self.state.confidence.copy_(den.confidence)
+        self.non_finite.zero_()
+        self.steps_run.zero_()
+        self.replay()
+        if bool(self.non_finite):
+            raise EngineError("the model produced NaN or infinite logits")
+        window.copy_(self.state.x)
+        den.masked.copy_(self.state.masked)
+        den.confidence.copy_(self.state.confidence)
+        den.steps += int(self.steps_run)
+
+
+def cache_slots(slots: int) -> int:
+    """The graph cache size for a request with `slots` keys."""
+    return -(-slots // GRAPH_SLOTS) * GRAPH_SLOTS
+
