@@ -95,10 +95,6 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.full_windows = self.cuda_graphs if full_windows is None else full_windows
         self._graphs: dict[tuple, StepGraph] = {}
-        if self.device.type == "cuda":
-            # cuDNN's attention spends milliseconds of CPU time per call on changing shapes;
-            # flash and memory-efficient attention do not.
-            torch.backends.cuda.enable_cudnn_sdp(False)
         self._ids = itertools.count(1)
         self._requests: dict[int, Request] = {}
         self._incoming: queue.Queue[Request | None] = queue.Queue()
