@@ -56,6 +56,13 @@ class ModelConfig:
     def family(self) -> Family:
         return FAMILIES[self.model_type]
 
+    @property
+    def parameters(self) -> int:
+        h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attention = h * (q + 2 * kv) + q * h + (q + 2 * kv) * self.qkv_bias + h * self.o_bias
+        layer = attention + 3 * h * self.intermediate_size + 2 * h
+        return self.vocab_size * h * (1 if self.tie_embeddings else 2) + self.num_layers * layer + h
+
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelConfig":
         model_type = str(cfg.get("model_type", "")).lower()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -50,6 +51,7 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device in ("cuda", "mps") else torch.float32
 
 
+log = logging.getLogger(__name__)
 MAX_GRAPHS = 8  # captured step graphs kept, the least recently used dropped first
 
 
@@ -114,6 +116,8 @@ class Engine:
         device = device or default_device()
         dtype = dtype or default_dtype(device)
         if model_dir is None:
+            log.warning("no model given and no bundled model yet: using a tiny random-weight model, "
+                        "whose completions are noise (give a checkpoint directory for real ones)")
             return cls(random_model("tiny", device=device, dtype=dtype), **kwargs)
         return cls(load_checkpoint(model_dir, device=device, dtype=dtype), **kwargs)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,9 +18,6 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _load_engine(args, **kwargs):
     from engine.runner import Engine
 
-    if args.model is None:
-        print("lacuna: no model given and no bundled model yet: using a tiny random-weight model, "
-              "whose completions are noise (pass --model DIR for a real checkpoint)", file=sys.stderr)
     return Engine.load(args.model, device=args.device, **kwargs)
 
 
@@ -70,12 +68,20 @@ def cmd_bench(args) -> int:
     import torch
 
     from engine import bench
+    from engine.config import SHAPES
     from engine.loader import load_checkpoint, random_model
     from engine.runner import Engine, default_device, default_dtype
 
     device = args.device or default_device()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or default_dtype(device)
     shape = args.shape or ("model" if args.model else "tiny")
+    if not args.model and device == "cpu":
+        needed = SHAPES[shape].parameters * dtype.itemsize
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > memory / 2:
+            print(f"lacuna bench: the {shape} shape needs {needed / 1e9:.0f} GB of weights here and this "
+                  f"machine has {memory / 1e9:.0f} GB: use a GPU (--device cuda)", file=sys.stderr)
+            return 2
     loaded = load_checkpoint(args.model, device, dtype) if args.model else random_model(shape, device, dtype)
     engine = Engine(loaded, max_tokens=128)
     if args.quick:
@@ -119,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "shape", None) and getattr(args, "model", None):
         parser.error("--shape and --model are exclusive")
+    if args.device == "cuda" or args.device == "mps":
+        import torch
+
+        if not (torch.cuda.is_available() if args.device == "cuda" else torch.backends.mps.is_available()):
+            parser.error(f"--device {args.device}: no such device here")
     from engine.config import CheckpointError
 
     try:

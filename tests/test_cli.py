@@ -59,3 +59,9 @@ def test_bench_quick_rows():
         assert (row["context"], row["middle"]) == (2048, 64)
         assert {"shape", "p50_ms", "p95_ms", "tokens_per_s"} <= set(row)
         assert row["p95_ms"] >= row["p50_ms"] > 0
+
+
+def test_bench_refuses_a_shape_too_big_for_this_machine():
+    run = lacuna("bench", "--shape", "7b", "--device", "cpu")
+    assert run.returncode == 2
+    assert "use a GPU" in run.stderr

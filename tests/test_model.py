@@ -74,3 +74,9 @@ def test_cached_window_matches_full_forward():
 def test_family_logit_shift(model_type, shift):
     config = ModelConfig.from_hf({**Qwen2Config(**COMMON).to_dict(), "model_type": model_type})
     assert config.family.logit_shift == shift
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_parameter_count(case):
+    hf, ours = pair(case)
+    assert ours.config.parameters == sum(p.numel() for p in ours.parameters()) == hf.num_parameters()
