@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .loader import LoadedModel, load_checkpoint, random_model
 from .graphs import GRAPH_CHUNK, StepGraph, cache_slots
+from .loader import LoadedModel, load_checkpoint, random_model
 from .model import KVCache
 from .sampler import DecodeOptions, Denoiser, EngineError, build_layout
 
@@ -91,9 +91,9 @@ class Engine:
         self.device = self.model.lm_head.weight.device
         self.max_tokens = max_tokens
         self.max_batch_rows = max_batch_rows
-        # A greedy request stepping alone runs chunks of steps as CUDA graph replays (see
-        # graphs.py); graphs need static shapes, so each step then feeds the whole middle
-        # (full windows) rather than only the masked positions.
+        # A greedy request stepping alone replays its steps as CUDA graphs (see graphs.py);
+        # graphs need static shapes, so each step then feeds the whole middle (full windows)
+        # rather than only the masked positions.
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.full_windows = self.cuda_graphs if full_windows is None else full_windows
         self._graphs: dict[tuple, StepGraph] = {}
@@ -101,7 +101,8 @@ class Engine:
         self._requests: dict[int, Request] = {}
         self._incoming: queue.Queue[Request | None] = queue.Queue()
         self._merged = None  # (request ids, merged cache, key mask) of the last window batch
-        # Counters for monitoring: denoising steps run, and the most requests one step served.
+        # For monitoring: scheduler steps run (each a denoising step of every request in it),
+        # and the most requests one step served.
         self.stats = {"steps": 0, "max_batch_requests": 0}
         self._worker = threading.Thread(target=self._serve, name="lacuna-engine", daemon=True)
         self._worker.start()

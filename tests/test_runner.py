@@ -172,14 +172,19 @@ def test_closed_engine_refuses_work():
         engine.submit(PREFIX, SUFFIX, 4)
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("options", [
     DecodeOptions(policy="fixed", tokens_per_step=3),
     DecodeOptions(policy="steps", steps=6, refresh_every=3),
     DecodeOptions(policy="threshold", threshold=0.005),
 ])
-def test_graphed_chunks_match_eager_full_windows(options):
-    """The CUDA-graph path (replayed eagerly off CUDA) steps exactly as eager full windows do."""
-    loaded = random_model("tiny", dtype=torch.float64, seed=3)
+def test_graphed_steps_match_eager_full_windows(device, options):
+    """The CUDA-graph path steps exactly as eager full windows do; off CUDA it replays eagerly.
+    float64, so that different attention kernels cannot flip an argmax."""
+    loaded = random_model("tiny", device=device, dtype=torch.float64, seed=3)
     graphed, eager = Engine(loaded, cuda_graphs=True), Engine(loaded, cuda_graphs=False, full_windows=True)
     try:
         for prefix, n in ((PREFIX, 24), ("x" * 300 + PREFIX, 24), ("", 5)):
@@ -187,6 +192,7 @@ def test_graphed_chunks_match_eager_full_windows(options):
             want = eager.complete(prefix, SUFFIX, n, n=2, options=options)
             assert [(c.token_ids, c.steps) for c in got] == [(c.token_ids, c.steps) for c in want]
         assert graphed._graphs and not eager._graphs
+        assert all((g.replay.graph is not None) == (device == "cuda") for g in graphed._graphs.values())
         # Requests that arrive together step eagerly, then alone through graphs.
         requests = [graphed.submit("y" * i + PREFIX, SUFFIX, 16 + i, options=options) for i in range(4)]
         got = [r.result(timeout=60)[0].token_ids for r in requests]
