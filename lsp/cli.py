@@ -64,7 +64,30 @@ def cmd_complete(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import logging
+
+    from .config import Options
+    from .server import create_server
+
+    # stdout carries the protocol: logs go to stderr, where editors show them.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = create_server(Options(model_dir=args.model, device=args.device))
+    if args.tcp:
+        server.start_tcp(args.host, args.port)
+    else:
+        server.start_io()
+    return 0
+
+
 def cmd_bench(args) -> int:
+    if args.lsp:
+        from . import bench as lsp_bench
+
+        result = lsp_bench.run(args.model, args.device, requests=args.requests)
+        print(json.dumps(result, indent=None if args.json else 1))
+        return 0
     import torch
 
     from engine import bench
@@ -112,8 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     _add_model_args(complete)
     complete.set_defaults(func=cmd_complete)
 
+    serve = sub.add_parser("serve", help="run the language server (stdio, or TCP with --tcp)")
+    serve.add_argument("--tcp", action="store_true", help="listen on TCP instead of stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="TCP address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=2087)
+    serve.add_argument("--verbose", action="store_true", help="log requests to stderr")
+    _add_model_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
     bench = sub.add_parser("bench", help="infill latency of the samplers and an autoregressive baseline")
     bench.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    bench.add_argument("--lsp", action="store_true", help="the language server over the protocol instead")
+    bench.add_argument("--requests", type=int, default=40, help="--lsp: completion requests to time")
     bench.add_argument("--quick", action="store_true", help="context 2048, middle 64 only")
     bench.add_argument("--shape", choices=["tiny", "0.5b", "7b"], help="random weights of a real checkpoint's shape")
     bench.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPUs, fp32 on CPUs")

@@ -1,0 +1,129 @@
+"""From a cursor to candidates: span decision, context, the engine, post-processing, caches.
+
+Typing through a shown suggestion is answered from it without the engine; recent answers sit
+in a small LRU; a new request for a document cancels the one still in flight for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.runner import Engine
+from engine.sampler import DecodeOptions
+
+from .config import Options
+from .context import build_context
+from .document import Document
+from .postprocess import Candidate, postprocess
+from .span import plan_span
+
+CACHE_SIZE = 64
+
+
+@dataclass
+class Shown:
+    """The last candidates answered for a document, and the text they were computed for."""
+    before: str
+    after: str
+    candidates: list[Candidate]
+
+
+class Completer:
+    def __init__(self, options: Options):
+        self.options = options
+        self.engine: Engine | None = None
+        self.cache: OrderedDict[tuple, list[Candidate]] = OrderedDict()
+        self.shown: dict[str, Shown] = {}
+        self.in_flight: dict[str, object] = {}  # uri -> engine Request
+        self.last_latency_ms: float | None = None  # the engine's, for the last infill
+        self.last_timing: dict[str, float] = {}  # the last request's: total and engine milliseconds
+        self.accepted = 0
+
+    def forget(self, uri: str) -> None:
+        self.shown.pop(uri, None)
+        request = self.in_flight.pop(uri, None)
+        if request is not None:
+            request.cancel()
+
+    def typed_through(self, doc: Document, offset: int) -> list[Candidate] | None:
+        """The rest of the shown candidates when the user typed the start of them, else None."""
+        shown = self.shown.get(doc.uri)
+        if shown is None or offset < len(shown.before):
+            return None
+        text = doc.text
+        if not (text.startswith(shown.before) and text.endswith(shown.after)
+                and len(text) == offset + len(shown.after)):
+            return None
+        typed = text[len(shown.before):offset]
+        rest = [Candidate(c.text[len(typed):], c.replace_suffix) for c in shown.candidates
+                if c.text.startswith(typed) and len(c.text) > len(typed)]
+        return rest or None
+
+    async def complete(self, doc: Document, offset: int, documents: list[Document]) -> list[Candidate]:
+        start = time.perf_counter()
+        self.last_timing = {"engineMs": 0.0}
+        try:
+            return await self._complete(doc, offset, documents)
+        finally:
+            self.last_timing["totalMs"] = (time.perf_counter() - start) * 1000
+
+    async def _complete(self, doc: Document, offset: int, documents: list[Document]) -> list[Candidate]:
+        if not self.options.language_enabled(doc.language_id):
+            return []
+        rest = self.typed_through(doc, offset)
+        if rest is not None:
+            self.last_timing["typedThrough"] = 1.0
+            return rest
+        await asyncio.to_thread(doc.reparse)  # usually done already, after the last edit
+        span = plan_span(doc, offset, self.options)
+        if span is None or self.engine is None:
+            return []
+        context = build_context(doc, offset, documents, prefix_tokens=self.engine.max_tokens * 8)
+        n = self.options.candidates
+        key = (context.prefix, context.suffix, span, n)
+        answers = self.cache.get(key)
+        if answers is None:
+            texts = await self._infill(doc.uri, context.prefix, context.suffix, span.tokens, n)
+            if texts is None:
+                return []
+            before, after = doc.text[:offset], doc.text[offset:]
+            answers = []
+            for text in texts:
+                candidate = postprocess(text, prefix=before, suffix=after, language=doc.language_id,
+                                        multiline=span.multiline)
+                if candidate is not None and candidate not in answers:
+                    answers.append(candidate)
+            self.cache[key] = answers
+            while len(self.cache) > CACHE_SIZE:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        self.shown[doc.uri] = Shown(doc.text[:offset], doc.text[offset:], answers)
+        return answers
+
+    async def _infill(self, uri: str, prefix: str, suffix: str, tokens: int, n: int) -> list[str] | None:
+        """The engine's texts, or None when a newer request for the document superseded this one."""
+        if self.options.debounce_ms:
+            await asyncio.sleep(self.options.debounce_ms / 1000)
+        previous = self.in_flight.pop(uri, None)
+        if previous is not None:
+            previous.cancel()
+        engine = self.engine
+        request = engine.submit(prefix, suffix, min(tokens, engine.max_tokens), n=n,
+                                options=DecodeOptions(), time_budget=self.options.time_budget_ms / 1000)
+        self.in_flight[uri] = request
+        start = time.perf_counter()
+        try:
+            completions = await asyncio.wrap_future(request.future)
+        except asyncio.CancelledError:
+            request.cancel()
+            if asyncio.current_task().cancelling():
+                raise  # the client cancelled this request
+            return None  # a newer request cancelled it
+        finally:
+            if self.in_flight.get(uri) is request:
+                del self.in_flight[uri]
+        self.last_latency_ms = self.last_timing["engineMs"] = (time.perf_counter() - start) * 1000
+        return [c.text for c in completions]

@@ -1,0 +1,195 @@
+"""The language server: thin pygls handlers over the documents and the completer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+
+from engine.runner import Engine
+from engine.sampler import EngineError
+
+from .completer import Completer
+from .config import Options, update_options
+from .document import Document
+from .postprocess import Candidate
+
+log = logging.getLogger(__name__)
+ACCEPTED = "lacuna.accepted"
+STATUS = "lacuna.status"
+LABEL_CHARS = 40
+
+
+class Protocol(LanguageServerProtocol):
+    def structure_message(self, data):
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as error:
+            # pygls only logs a request it cannot read, and the client would wait forever.
+            if isinstance(data, dict) and "id" in data and "method" in data:
+                reason = JsonRpcInvalidParams(f"invalid params for {data['method']}: {error.__cause__ or error}")
+                self._send_response(data["id"], error=reason.to_response_error())
+            raise
+
+
+class LacunaServer(LanguageServer):
+    def __init__(self, options: Options | None = None, engine: Engine | None = None):
+        super().__init__("lacuna", "0.1.0", protocol_cls=Protocol)
+        self.options = options or Options()
+        self.completer = Completer(self.options)
+        self.completer.engine = engine
+        self.documents: dict[str, Document] = {}
+        self.engine_ready: asyncio.Future | None = None
+
+    def report_server_error(self, error: Exception, source) -> None:
+        log.error("%s: %s", source.__name__, error)  # logged, not popped up in the editor
+
+    def set_options(self, settings: object) -> None:
+        options, errors = update_options(self.options, settings)
+        if self.engine_ready is not None and options.model_dir != self.options.model_dir:
+            errors.append("a new modelDir takes effect when the server restarts")
+        self.options = self.completer.options = options
+        for error in errors:
+            self.window_show_message(types.ShowMessageParams(types.MessageType.Warning, f"Lacuna: {error}"))
+
+    def encoding(self) -> str:
+        return str(self.workspace.position_encoding or "utf-16")
+
+    def load_engine(self) -> None:
+        """Load the model off the event loop; requests answer empty until it is resident."""
+        if self.completer.engine is not None or self.engine_ready is not None:
+            return
+        options = self.options
+
+        def load() -> Engine:
+            return Engine.load(options.model_dir, device=options.device)
+
+        async def install():
+            try:
+                self.completer.engine = await asyncio.to_thread(load)
+            except Exception as error:  # a bad checkpoint must not take the server down
+                self.window_show_message(types.ShowMessageParams(
+                    types.MessageType.Error, f"Lacuna: cannot load the model: {error}"))
+                raise
+
+        self.engine_ready = asyncio.ensure_future(install())
+
+
+def create_server(options: Options | None = None, engine: Engine | None = None) -> LacunaServer:
+    ls = LacunaServer(options, engine)
+
+    @ls.feature(types.INITIALIZE)
+    def initialize(ls: LacunaServer, params: types.InitializeParams):
+        ls.set_options(params.initialization_options)
+
+    @ls.feature(types.INITIALIZED)
+    def initialized(ls: LacunaServer, params: types.InitializedParams):
+        ls.load_engine()
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: LacunaServer, params: types.DidOpenTextDocumentParams):
+        item = params.text_document
+        ls.documents[item.uri] = Document(item.uri, item.text, item.language_id, item.version)
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: LacunaServer, params: types.DidChangeTextDocumentParams):
+        doc = ls.documents.get(params.text_document.uri)
+        if doc is None:
+            return
+        for change in params.content_changes:
+            if isinstance(change, types.TextDocumentContentChangePartial):
+                start, end = change.range.start, change.range.end
+                doc.apply_change((start.line, start.character), (end.line, end.character), change.text, ls.encoding())
+            else:
+                doc.apply_change(None, None, change.text)
+        doc.version = params.text_document.version
+        asyncio.get_running_loop().run_in_executor(None, doc.reparse)  # ready before the next request
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(ls: LacunaServer, params: types.DidCloseTextDocumentParams):
+        ls.documents.pop(params.text_document.uri, None)
+        ls.completer.forget(params.text_document.uri)
+
+    async def candidates(ls: LacunaServer, uri: str, position: types.Position):
+        doc = ls.documents.get(uri)
+        if doc is None:
+            return None, 0, []
+        if ls.engine_ready is not None and not ls.engine_ready.done():
+            await asyncio.shield(ls.engine_ready)
+        offset = doc.offset(position.line, position.character, ls.encoding())
+        try:
+            found = await ls.completer.complete(doc, offset, list(ls.documents.values()))
+        except (EngineError, ValueError) as error:
+            log.warning("no completion: %s", error)
+            found = []
+        return doc, offset, found
+
+    def edit_range(ls: LacunaServer, doc: Document, start: int, cursor: int, candidate: Candidate) -> types.Range:
+        encoding = ls.encoding()
+        end = min(len(doc.text), cursor + candidate.replace_suffix)
+        return types.Range(types.Position(*doc.position(start, encoding)), types.Position(*doc.position(end, encoding)))
+
+    @ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(ls: LacunaServer, params: types.InlineCompletionParams):
+        doc, offset, found = await candidates(ls, params.text_document.uri, params.position)
+        return types.InlineCompletionList(items=[
+            types.InlineCompletionItem(
+                insert_text=c.text, range=edit_range(ls, doc, offset, offset, c),
+                command=types.Command(title="Lacuna: accepted", command=ACCEPTED, arguments=[params.text_document.uri]))
+            for c in found
+        ])
+
+    @ls.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions())
+    async def completion(ls: LacunaServer, params: types.CompletionParams):
+        doc, offset, found = await candidates(ls, params.text_document.uri, params.position)
+        items = []
+        if found:
+            # Clients filter items by the word before the cursor, so each edit starts there.
+            word_start = offset
+            while word_start > 0 and (doc.text[word_start - 1].isalnum() or doc.text[word_start - 1] == "_"):
+                word_start -= 1
+            word = doc.text[word_start:offset]
+            for c in found:
+                text = word + c.text
+                first_line = text.strip().split("\n", 1)[0]
+                label = first_line if len(first_line) <= LABEL_CHARS else first_line[:LABEL_CHARS - 1] + "…"
+                items.append(types.CompletionItem(
+                    label=label, kind=types.CompletionItemKind.Snippet, detail="Lacuna",
+                    filter_text=text, sort_text="0",
+                    insert_text_format=types.InsertTextFormat.PlainText,
+                    text_edit=types.TextEdit(edit_range(ls, doc, word_start, offset, c), text),
+                    documentation=types.MarkupContent(types.MarkupKind.Markdown,
+                                                      f"```{doc.language_id or ''}\n{text}\n```"),
+                    command=types.Command(title="Lacuna: accepted", command=ACCEPTED, arguments=[params.text_document.uri])))
+        return types.CompletionList(is_incomplete=True, items=items)
+
+    @ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(ls: LacunaServer, params: types.DidChangeConfigurationParams):
+        settings = params.settings
+        if isinstance(settings, dict) and isinstance(settings.get("lacuna"), dict):
+            settings = settings["lacuna"]  # VS Code and others nest settings under their section
+        ls.set_options(settings)
+
+    @ls.command(ACCEPTED)
+    def accepted(ls: LacunaServer, *args):
+        ls.completer.accepted += 1
+        return ls.completer.accepted
+
+    @ls.command(STATUS)
+    def status(ls: LacunaServer, *args):
+        engine = ls.completer.engine
+        return {
+            "server": "lacuna 0.1.0",
+            "model": engine.loaded.name if engine else None,
+            "device": str(engine.device) if engine else None,
+            "ready": engine is not None,
+            "lastLatencyMs": ls.completer.last_latency_ms,
+            "lastRequest": ls.completer.last_timing,
+            "accepted": ls.completer.accepted,
+        }
+
+    return ls

@@ -1,0 +1,68 @@
+"""Whether to complete at the cursor, and how much: decided from the syntax there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Options
+from .document import Document
+
+BLOCK_OPENERS = (":", "{")
+
+
+@dataclass(frozen=True)
+class Span:
+    multiline: bool
+    tokens: int  # masked tokens to fill
+
+
+def _is_word(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
+
+
+def _in_comment_or_string(doc: Document, offset: int) -> str | None:
+    """"comment" or "string" when the cursor is inside one, else None."""
+    tree = doc.tree
+    if tree is None:
+        return None
+    byte = doc.byte_offset(offset)
+    node = tree.root_node.descendant_for_byte_range(max(byte - 1, 0), byte)
+    while node is not None:
+        kind = node.type
+        # The cursor right after a closed string or at the start of a comment is outside it.
+        inside = node.start_byte < byte < node.end_byte or (kind.endswith("comment") and byte == node.end_byte)
+        if "comment" in kind and inside:
+            return "comment"
+        if ("string" in kind or kind == "template_literal") and inside:
+            return "string"
+        node = node.parent
+    return None
+
+
+def plan_span(doc: Document, offset: int, options: Options) -> Span | None:
+    text = doc.text
+    line_start = text.rfind("\n", 0, offset) + 1
+    line_end = text.find("\n", offset)
+    before, after = text[line_start:offset], text[offset:line_end if line_end != -1 else len(text)]
+    # In the middle of a word with more of it to the right, the user is editing, not writing.
+    if before and after and _is_word(before[-1]) and _is_word(after[0]):
+        return None
+    where = _in_comment_or_string(doc, offset)
+    if (where == "comment" and not options.complete_in_comments) or (
+            where == "string" and not options.complete_in_strings):
+        return None
+    line_tokens = max(1, options.max_tokens // 3)
+    if not options.multiline or after.strip() or where:
+        return Span(False, line_tokens)
+    opens_block = before.rstrip().endswith(BLOCK_OPENERS)
+    if not before.strip():  # a blank line: look at the last line with code
+        previous = text[:line_start].rstrip()
+        opens_block = previous.endswith(BLOCK_OPENERS) or _empty_body_follows(text, offset)
+    return Span(True, options.max_tokens) if opens_block else Span(False, line_tokens)
+
+
+def _empty_body_follows(text: str, offset: int) -> bool:
+    """A blank line directly inside `{ }` (an empty function or block body)."""
+    rest = text[offset:].lstrip()
+    before = text[:offset].rstrip()
+    return before.endswith("{") and rest.startswith("}")

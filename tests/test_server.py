@@ -1,0 +1,208 @@
+"""The language server end to end: `lacuna serve` in a subprocess, driven by pygls's client."""
+
+import asyncio
+import json
+import sys
+
+import pytest
+from lsprotocol import types
+from pygls.lsp.client import LanguageClient
+
+PY_URI = "file:///work/example.py"
+TEXT_URI = "file:///work/notes.txt"
+
+
+def command(*extra):
+    return [sys.executable, "-m", "lsp.cli", "serve", *extra]
+
+
+@pytest.fixture(scope="module")
+def server_command(constant_checkpoint):
+    return command("--model", str(constant_checkpoint))
+
+
+async def start(server, options=None, encodings=None):
+    """A client connected to a new server, initialized; and the messages the server shows."""
+    client = LanguageClient("test", "0")
+    messages = []
+    client.feature(types.WINDOW_SHOW_MESSAGE)(lambda params: messages.append(params.message))
+    await client.start_io(*server)
+    capabilities = types.ClientCapabilities(
+        general=types.GeneralClientCapabilities(position_encodings=encodings) if encodings else None)
+    result = await client.initialize_async(types.InitializeParams(
+        capabilities=capabilities, initialization_options=options or {}))
+    client.initialized(types.InitializedParams())
+    return client, result, messages
+
+
+async def stop(client):
+    await client.shutdown_async(None)
+    client.exit(None)
+    await client.stop()
+
+
+def open_doc(client, uri, text, language="python", version=1):
+    client.text_document_did_open(types.DidOpenTextDocumentParams(
+        types.TextDocumentItem(uri=uri, language_id=language, version=version, text=text)))
+
+
+def change(client, uri, version, start, end, text):
+    client.text_document_did_change(types.DidChangeTextDocumentParams(
+        types.VersionedTextDocumentIdentifier(uri=uri, version=version),
+        [types.TextDocumentContentChangePartial(
+            range=types.Range(types.Position(*start), types.Position(*end)), text=text)]))
+
+
+async def inline(client, uri, line, character):
+    return await client.text_document_inline_completion_async(types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri), position=types.Position(line, character),
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic)))
+
+
+async def test_capabilities_and_inline_completion(server_command):
+    client, result, _ = await start(server_command)
+    try:
+        caps = result.capabilities
+        assert caps.inline_completion_provider is not None
+        assert caps.completion_provider is not None
+        assert {"lacuna.accepted", "lacuna.status"} <= set(caps.execute_command_provider.commands)
+        assert caps.position_encoding == types.PositionEncodingKind.Utf16
+        open_doc(client, PY_URI, "def area(width, height):\n    result = \n    return result\n")
+        answer = await inline(client, PY_URI, 1, 13)
+        assert answer.items, "the constant model always suggests something"
+        item = answer.items[0]
+        assert item.insert_text.strip("x") == "" and item.insert_text
+        assert item.range.start == types.Position(1, 13)
+        assert item.command.command == "lacuna.accepted"
+        count = await client.workspace_execute_command_async(types.ExecuteCommandParams(
+            item.command.command, item.command.arguments))
+        assert count == 1
+        status = await client.workspace_execute_command_async(types.ExecuteCommandParams("lacuna.status"))
+        assert status["accepted"] == 1 and status["ready"]
+    finally:
+        await stop(client)
+
+
+async def test_classic_completion_items(server_command):
+    client, _, _ = await start(server_command)
+    try:
+        open_doc(client, PY_URI, "value = compute(ab)\n")
+        result = await client.text_document_completion_async(types.CompletionParams(
+            types.TextDocumentIdentifier(PY_URI), types.Position(0, 18)))
+        assert result.items
+        item = result.items[0]
+        # The edit starts at the word before the cursor so that clients can filter on it.
+        assert item.text_edit.range.start == types.Position(0, 16)
+        assert item.text_edit.new_text.startswith("ab")
+        assert item.command.command == "lacuna.accepted"
+        assert item.text_edit.new_text in item.documentation.value
+    finally:
+        await stop(client)
+
+
+async def test_typing_through_and_incremental_edits(server_command):
+    client, _, _ = await start(server_command)
+    try:
+        open_doc(client, TEXT_URI, "Notes: ", language="plaintext")
+        first = (await inline(client, TEXT_URI, 0, 7)).items[0].insert_text
+        change(client, TEXT_URI, 2, (0, 7), (0, 7), "x")
+        rest = (await inline(client, TEXT_URI, 0, 8)).items[0].insert_text
+        assert rest == first[1:]
+    finally:
+        await stop(client)
+
+
+async def test_no_completion_inside_a_word_or_comment(server_command):
+    client, _, _ = await start(server_command)
+    try:
+        open_doc(client, PY_URI, "total = amount\n# a comment \n")
+        assert (await inline(client, PY_URI, 0, 10)).items == ()  # amo|unt
+        assert (await inline(client, PY_URI, 1, 12)).items == ()
+    finally:
+        await stop(client)
+
+
+async def test_utf8_when_the_client_offers_it_and_emoji_positions(server_command):
+    client, result, _ = await start(server_command, encodings=[types.PositionEncodingKind.Utf8])
+    try:
+        assert result.capabilities.position_encoding == types.PositionEncodingKind.Utf8
+        open_doc(client, TEXT_URI, "😀 smile: ", language="plaintext")
+        answer = await inline(client, TEXT_URI, 0, 11)  # 4 bytes of emoji + 7
+        assert answer.items and answer.items[0].range.start == types.Position(0, 11)
+    finally:
+        await stop(client)
+
+
+async def test_bad_configuration_is_reported_and_defaulted(server_command):
+    client, _, messages = await start(server_command, options={"maxTokens": "many", "candidates": 2})
+    try:
+        for _ in range(50):
+            if messages:
+                break
+            await asyncio.sleep(0.05)
+        assert any("maxTokens" in m for m in messages)
+        client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+            settings={"lacuna": {"multiline": "yes"}}))
+        open_doc(client, PY_URI, "x = ")
+        assert (await inline(client, PY_URI, 0, 4)).items  # still serving
+        assert any("multiline" in m for m in messages)
+    finally:
+        await stop(client)
+
+
+async def test_bad_requests_get_answers(server_command):
+    client, _, _ = await start(server_command)
+    try:
+        assert (await inline(client, "file:///unknown.py", 0, 0)).items == ()
+        open_doc(client, PY_URI, "a = 1\r\nb = ")
+        assert (await inline(client, PY_URI, 99, 99)).items is not None  # past the end clamps
+        assert (await inline(client, PY_URI, 1, 4)).items
+        client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(PY_URI)))
+        assert (await inline(client, PY_URI, 1, 4)).items == ()
+    finally:
+        await stop(client)
+
+
+class Wire:
+    """The server's stdio, spoken byte by byte, for what a well-behaved client never sends."""
+
+    def __init__(self, process):
+        self.process = process
+
+    def send(self, body: bytes) -> None:
+        self.process.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    def request(self, id, method, params) -> None:
+        self.send(json.dumps({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).encode())
+
+    async def response(self, id) -> dict:
+        while True:
+            header = await self.process.stdout.readuntil(b"\r\n\r\n")
+            length = int(header.split(b"Content-Length:")[1].split(b"\r\n")[0])
+            message = json.loads(await self.process.stdout.readexactly(length))
+            if message.get("id") == id and "method" not in message:
+                return message
+
+
+async def test_malformed_messages_on_the_wire(server_command):
+    process = await asyncio.create_subprocess_exec(*server_command, stdin=asyncio.subprocess.PIPE,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    wire = Wire(process)
+    try:
+        wire.request(1, "initialize", {"capabilities": {}})
+        assert "result" in await asyncio.wait_for(wire.response(1), 30)
+        wire.send(json.dumps({"jsonrpc": "2.0", "method": "initialized", "params": {}}).encode())
+        wire.send(b"{not json")  # logged; the server keeps reading
+        wire.send(json.dumps({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
+            "uri": PY_URI, "languageId": "python", "version": 1, "text": "x = "}}}).encode())
+        # Params that do not match the protocol's types get InvalidParams, not silence.
+        wire.request(2, "textDocument/inlineCompletion", {"textDocument": 5, "position": "here"})
+        error = (await asyncio.wait_for(wire.response(2), 30))["error"]
+        assert error["code"] == -32602 and "inlineCompletion" in error["message"]
+        wire.request(3, "textDocument/inlineCompletion", {
+            "textDocument": {"uri": PY_URI}, "position": {"line": 0, "character": 4},
+            "context": {"triggerKind": 2}})
+        assert (await asyncio.wait_for(wire.response(3), 30))["result"]["items"]
+    finally:
+        process.kill()
+        await process.wait()
