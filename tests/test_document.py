@@ -10,19 +10,20 @@ PIECES = ["", "x", "def f(a):\n", "    return a\n", "(", ")", "{", "}", "\r\n", 
 
 def client_apply(text: str, start: tuple[int, int], end: tuple[int, int], new: str, encoding: str) -> str:
     """The client's side of an edit, written independently of Document: LSP positions in code
-    units of `encoding`, clamped to the line, on lines split at '\\n'."""
+    units of `encoding`, clamped to the line's content ('\\n' or '\\r\\n' end it)."""
     lines = text.split("\n")
 
     def index(line, character):
         if line >= len(lines):
             return len(text)
         base = sum(len(l) + 1 for l in lines[:line])
+        content = lines[line][:-1] if line < len(lines) - 1 and lines[line].endswith("\r") else lines[line]
         count = 0
-        for i, ch in enumerate(lines[line]):
+        for i, ch in enumerate(content):
             if count >= character:
                 return base + i
             count += units(ch, encoding)
-        return base + len(lines[line])
+        return base + len(content)
 
     a = index(*start)
     b = max(a, index(*end))
