@@ -60,28 +60,28 @@ async def _bench(server: list[str], requests: int) -> dict:
     client.initialized(types.InitializedParams())
     text = big_python_file()
     client.text_document_did_open(types.DidOpenTextDocumentParams(
-        types.TextDocumentItem(URI, "python", 1, text)))
+        types.TextDocumentItem(uri=URI, language_id="python", version=1, text=text)))
     lines = text.split("\n")
     # Ends of statement lines in function bodies: where people type.
     spots = [i for i, line in enumerate(lines) if line.startswith("    ") and line.strip()]
     rng = random.Random(0)
-    version, outside, end_to_end, typing_through = 1, [], [], []
+    version, outside, end_to_end, typing_through, typing_through_wire = 1, [], [], [], []
 
     async def ask(line: int, character: int):
         start = time.perf_counter()
         answer = await client.text_document_inline_completion_async(types.InlineCompletionParams(
-            types.TextDocumentIdentifier(URI), types.Position(line, character),
-            types.InlineCompletionContext(types.InlineCompletionTriggerKind.Automatic)))
+            text_document=types.TextDocumentIdentifier(URI), position=types.Position(line, character),
+            context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic)))
         elapsed = (time.perf_counter() - start) * 1000
-        status = await client.workspace_execute_command_async(types.ExecuteCommandParams("lacuna.status"))
+        status = await client.workspace_execute_command_async(types.ExecuteCommandParams(command="lacuna.status"))
         return answer, elapsed, status["lastRequest"]
 
     def type_text(line: int, character: int, new: str):
         nonlocal version
         version += 1
         client.text_document_did_change(types.DidChangeTextDocumentParams(
-            types.VersionedTextDocumentIdentifier(URI, version),
-            [types.TextDocumentContentChangePartial(
+            text_document=types.VersionedTextDocumentIdentifier(uri=URI, version=version),
+            content_changes=[types.TextDocumentContentChangePartial(
                 range=types.Range(types.Position(line, character), types.Position(line, character)), text=new)]))
 
     await ask(spots[0], len(lines[spots[0]]))  # warm-up: the model's first run
@@ -100,12 +100,14 @@ async def _bench(server: list[str], requests: int) -> dict:
             _, elapsed, timing = await ask(line, column + 2)
             if timing.get("typedThrough"):
                 typing_through.append(timing["totalMs"])
+                typing_through_wire.append(elapsed)
     pid = client._server.pid if client._server else None
-    status = await client.workspace_execute_command_async(types.ExecuteCommandParams("lacuna.status"))
+    status = await client.workspace_execute_command_async(types.ExecuteCommandParams(command="lacuna.status"))
     result = {
         "file_lines": len(lines), "requests": len(end_to_end), "model": status["model"],
         "outside_engine_p50_ms": _percentile(outside, 0.5), "outside_engine_p95_ms": _percentile(outside, 0.95),
         "typing_through_p50_ms": _percentile(typing_through, 0.5), "typing_through_count": len(typing_through),
+        "typing_through_round_trip_p50_ms": _percentile(typing_through_wire, 0.5),
         "end_to_end_p50_ms": _percentile(end_to_end, 0.5), "end_to_end_p95_ms": _percentile(end_to_end, 0.95),
         "server_rss_mb": _rss_mb(pid) if pid else None,
     }

@@ -15,6 +15,7 @@ from engine.runner import Engine
 from engine.sampler import DecodeOptions
 
 from .config import Options
+from . import context
 from .context import build_context
 from .document import Document
 from .postprocess import Candidate, postprocess
@@ -44,6 +45,7 @@ class Completer:
 
     def forget(self, uri: str) -> None:
         self.shown.pop(uri, None)
+        context.forget(uri)
         request = self.in_flight.pop(uri, None)
         if request is not None:
             request.cancel()
@@ -77,7 +79,8 @@ class Completer:
         if rest is not None:
             self.last_timing["typedThrough"] = 1.0
             return rest
-        await asyncio.to_thread(doc.reparse)  # usually done already, after the last edit
+        if doc.needs_parse:  # usually parsed already, right after the last edit
+            await asyncio.to_thread(doc.reparse)
         span = plan_span(doc, offset, self.options)
         if span is None or self.engine is None:
             return []
@@ -111,10 +114,12 @@ class Completer:
         if previous is not None:
             previous.cancel()
         engine = self.engine
-        request = engine.submit(prefix, suffix, min(tokens, engine.max_tokens), n=n,
-                                options=DecodeOptions(), time_budget=self.options.time_budget_ms / 1000)
-        self.in_flight[uri] = request
         start = time.perf_counter()
+        # Tokenizing a long context takes a millisecond or more: not on the event loop.
+        request = await asyncio.to_thread(
+            engine.submit, prefix, suffix, min(tokens, engine.max_tokens), n=n,
+            options=DecodeOptions(), time_budget=self.options.time_budget_ms / 1000)
+        self.in_flight[uri] = request
         try:
             completions = await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:

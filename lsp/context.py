@@ -65,26 +65,46 @@ def _enclosing_headers(doc: Document, offset: int) -> list[str]:
     return headers[::-1]  # outermost first, as they appear in the file
 
 
-def _imports(doc: Document) -> list[str]:
-    return [n.text.decode("utf-8", "replace") for n in doc.tree.root_node.children if n.type in IMPORT_TYPES]
+@dataclass
+class Outline:
+    """A document's imports and named definitions (name -> headers), for one tree."""
+    tree: object
+    imports: list[str]
+    definitions: dict[str, list[str]]
 
 
-def _definitions(doc: Document, names: set[str]) -> list[str]:
-    """Headers of top-level (and class-level) definitions of `names` in `doc`."""
-    found = []
-    stack = list(doc.tree.root_node.children)
+_outlines: dict[str, Outline] = {}  # by document URI
+
+
+def outline(doc: Document) -> Outline:
+    """The document's outline, rebuilt only when its tree changed (the server warms it up right
+    after reparsing, off the event loop)."""
+    tree = doc.tree
+    cached = _outlines.get(doc.uri)
+    if cached is not None and cached.tree is tree:
+        return cached
+    imports = [n.text.decode("utf-8", "replace") for n in tree.root_node.children if n.type in IMPORT_TYPES]
+    definitions: dict[str, list[str]] = {}
+    stack = list(tree.root_node.children)
     while stack:
         node = stack.pop()
         if node.type not in DEFINITION_TYPES:
             continue
         target = node.child_by_field_name("definition") if node.type == "decorated_definition" else node
-        name = target.child_by_field_name("name") if target is not None else None
-        if name is not None and name.text.decode("utf-8", "replace") in names:
-            found.append(_header(doc, target))
-        body = target.child_by_field_name("body") if target is not None else None
+        if target is None:
+            continue
+        name = target.child_by_field_name("name")
+        if name is not None:
+            definitions.setdefault(name.text.decode("utf-8", "replace"), []).append(_header(doc, target))
+        body = target.child_by_field_name("body")
         if body is not None and target.type in ("class_definition", "class_declaration", "impl_item"):
-            stack.extend(body.children)
-    return found
+            stack.extend(body.children)  # methods too
+    _outlines[doc.uri] = result = Outline(tree, imports, definitions)
+    return result
+
+
+def forget(uri: str) -> None:
+    _outlines.pop(uri, None)
 
 
 def build_context(doc: Document, offset: int, documents: list[Document], *, prefix_tokens: int = 1024,
@@ -98,8 +118,9 @@ def build_context(doc: Document, offset: int, documents: list[Document], *, pref
     names = set(IDENTIFIER.findall(text[_line_start(text, offset, NEAR_LINES):_line_end(text, offset, NEAR_LINES)]))
     snippets = []
     for other in [doc] + [d for d in documents if d is not doc and d.language_id == doc.language_id]:
-        snippets += _definitions(other, names)
-    snippets += _enclosing_headers(doc, offset) + _imports(doc)
+        definitions = outline(other).definitions
+        snippets += [header for name in sorted(names) for header in definitions.get(name, ())]
+    snippets += _enclosing_headers(doc, offset) + outline(doc).imports
     budget, chosen, seen = context_tokens * CHARS_PER_TOKEN, [], set()
     window = prefix + suffix
     for snippet in snippets:

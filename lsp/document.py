@@ -42,6 +42,10 @@ class Document:
         self.reparse()
         return self._tree
 
+    @property
+    def needs_parse(self) -> bool:
+        return bool(self._pending)
+
     def reparse(self) -> None:
         """Bring the tree up to date with the text (incrementally); safe from any thread."""
         with self._parse_lock:

@@ -15,6 +15,7 @@ from engine.sampler import EngineError
 
 from .completer import Completer
 from .config import Options, update_options
+from .context import outline
 from .document import Document
 from .postprocess import Candidate
 
@@ -79,6 +80,13 @@ class LacunaServer(LanguageServer):
         self.engine_ready = asyncio.ensure_future(install())
 
 
+def warm_up(doc: Document) -> None:
+    """Parse a document's latest edits and outline it, off the event loop."""
+    if doc.parser is not None:
+        doc.reparse()
+        outline(doc)
+
+
 def create_server(options: Options | None = None, engine: Engine | None = None) -> LacunaServer:
     ls = LacunaServer(options, engine)
 
@@ -93,7 +101,8 @@ def create_server(options: Options | None = None, engine: Engine | None = None) 
     @ls.feature(types.TEXT_DOCUMENT_DID_OPEN)
     def did_open(ls: LacunaServer, params: types.DidOpenTextDocumentParams):
         item = params.text_document
-        ls.documents[item.uri] = Document(item.uri, item.text, item.language_id, item.version)
+        ls.documents[item.uri] = doc = Document(item.uri, item.text, item.language_id, item.version)
+        asyncio.get_running_loop().run_in_executor(None, warm_up, doc)
 
     @ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def did_change(ls: LacunaServer, params: types.DidChangeTextDocumentParams):
@@ -107,7 +116,7 @@ def create_server(options: Options | None = None, engine: Engine | None = None) 
             else:
                 doc.apply_change(None, None, change.text)
         doc.version = params.text_document.version
-        asyncio.get_running_loop().run_in_executor(None, doc.reparse)  # ready before the next request
+        asyncio.get_running_loop().run_in_executor(None, warm_up, doc)  # ready before the next request
 
     @ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: LacunaServer, params: types.DidCloseTextDocumentParams):
