@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import time
 from pathlib import Path
 
 from lsprotocol import types
-from pygls.lsp.client import LanguageClient
+
+from .client import connect, disconnect, inline_completion, server_command
 
 URI = "file:///bench/big.py"
 FUNCTION = '''def handler_{i}(request, limit=10):
@@ -54,10 +54,7 @@ def _rss_mb(pid: int) -> float | None:
 
 
 async def _bench(server: list[str], requests: int) -> dict:
-    client = LanguageClient("lacuna-bench", "0")
-    await client.start_io(*server)
-    await client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities()))
-    client.initialized(types.InitializedParams())
+    client = await connect(server)
     text = big_python_file()
     client.text_document_did_open(types.DidOpenTextDocumentParams(
         types.TextDocumentItem(uri=URI, language_id="python", version=1, text=text)))
@@ -69,9 +66,7 @@ async def _bench(server: list[str], requests: int) -> dict:
 
     async def ask(line: int, character: int):
         start = time.perf_counter()
-        answer = await client.text_document_inline_completion_async(types.InlineCompletionParams(
-            text_document=types.TextDocumentIdentifier(URI), position=types.Position(line, character),
-            context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic)))
+        answer = await inline_completion(client, URI, line, character)
         elapsed = (time.perf_counter() - start) * 1000
         status = await client.workspace_execute_command_async(types.ExecuteCommandParams(command="lacuna.status"))
         return answer, elapsed, status["lastRequest"]
@@ -111,16 +106,9 @@ async def _bench(server: list[str], requests: int) -> dict:
         "end_to_end_p50_ms": _percentile(end_to_end, 0.5), "end_to_end_p95_ms": _percentile(end_to_end, 0.95),
         "server_rss_mb": _rss_mb(pid) if pid else None,
     }
-    await client.shutdown_async(None)
-    client.exit(None)
-    await client.stop()
+    await disconnect(client)
     return result
 
 
 def run(model: str | None = None, device: str | None = None, requests: int = 40) -> dict:
-    server = [sys.executable, "-m", "lsp.cli", "serve"]
-    if model:
-        server += ["--model", model]
-    if device:
-        server += ["--device", device]
-    return asyncio.run(_bench(server, requests))
+    return asyncio.run(_bench(server_command(model, device), requests))

@@ -81,6 +81,41 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    """One request to a real `lacuna serve`, as an editor would send it, and its answer."""
+    import asyncio
+
+    from lsprotocol import types
+
+    from .client import connect, disconnect, inline_completion, server_command
+
+    path = Path(args.file).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        print(f"lacuna demo: {err}", file=sys.stderr)
+        return 2
+    language = {".py": "python", ".js": "javascript", ".ts": "typescript", ".go": "go", ".rs": "rust",
+                ".java": "java", ".c": "c", ".cpp": "cpp"}.get(path.suffix, "plaintext")
+
+    async def demo():
+        client = await connect(server_command(args.model, args.device))
+        try:
+            client.text_document_did_open(types.DidOpenTextDocumentParams(
+                types.TextDocumentItem(uri=path.as_uri(), language_id=language, version=1, text=text)))
+            answer = await inline_completion(client, path.as_uri(), args.line, args.character)
+            status = await client.workspace_execute_command_async(types.ExecuteCommandParams(command="lacuna.status"))
+        finally:
+            await disconnect(client)
+        print(f"lacuna demo: model {status['model']} on {status['device']}, "
+              f"{status['lastLatencyMs'] or 0:.0f} ms in the engine", file=sys.stderr)
+        return [item.insert_text for item in answer.items]
+
+    items = asyncio.run(demo())
+    print(json.dumps(items) if args.json else ("\n---\n".join(items) or "(no suggestion here)"))
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.lsp:
         from . import bench as lsp_bench
@@ -142,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--verbose", action="store_true", help="log requests to stderr")
     _add_model_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="start the server, ask it for a suggestion at one position, print it")
+    demo.add_argument("file")
+    demo.add_argument("--line", type=int, required=True, help="0-based line")
+    demo.add_argument("--character", type=int, required=True, help="0-based UTF-16 column")
+    demo.add_argument("--json", action="store_true", help="print the suggestions as a JSON list")
+    _add_model_args(demo)
+    demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="infill latency of the samplers and an autoregressive baseline")
     bench.add_argument("--json", action="store_true", help="print the rows as a JSON list")

@@ -39,9 +39,11 @@ class Completer:
         self.cache: OrderedDict[tuple, list[Candidate]] = OrderedDict()
         self.shown: dict[str, Shown] = {}
         self.in_flight: dict[str, object] = {}  # uri -> engine Request
+        self.waiting: dict[str, object] = {}  # uri -> the newest request in its debounce
         self.last_latency_ms: float | None = None  # the engine's, for the last infill
         self.last_timing: dict[str, float] = {}  # the last request's: total and engine milliseconds
         self.accepted = 0
+        self.cancelled = 0  # engine requests stopped early: by the client or by a newer request
 
     def forget(self, uri: str) -> None:
         self.shown.pop(uri, None)
@@ -109,21 +111,31 @@ class Completer:
     async def _infill(self, uri: str, prefix: str, suffix: str, tokens: int, n: int) -> list[str] | None:
         """The engine's texts, or None when a newer request for the document superseded this one."""
         if self.options.debounce_ms:
+            self.waiting[uri] = mine = object()
             await asyncio.sleep(self.options.debounce_ms / 1000)
+            if self.waiting.get(uri) is not mine:
+                return None  # more typing came in: the newer request asks instead
         previous = self.in_flight.pop(uri, None)
         if previous is not None:
             previous.cancel()
         engine = self.engine
         start = time.perf_counter()
         # Tokenizing a long context takes a millisecond or more: not on the event loop.
-        request = await asyncio.to_thread(
+        submitted = asyncio.ensure_future(asyncio.to_thread(
             engine.submit, prefix, suffix, min(tokens, engine.max_tokens), n=n,
-            options=DecodeOptions(), time_budget=self.options.time_budget_ms / 1000)
+            options=DecodeOptions(), time_budget=self.options.time_budget_ms / 1000))
+        try:
+            request = await asyncio.shield(submitted)
+        except asyncio.CancelledError:  # cancelled while submitting: stop the engine's work all the same
+            submitted.add_done_callback(lambda done: done.exception() or done.result().cancel())
+            self.cancelled += 1
+            raise
         self.in_flight[uri] = request
         try:
             completions = await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:
             request.cancel()
+            self.cancelled += 1
             if asyncio.current_task().cancelling():
                 raise  # the client cancelled this request
             return None  # a newer request cancelled it

@@ -193,12 +193,14 @@ def create_server(options: Options | None = None, engine: Engine | None = None) 
         engine = ls.completer.engine
         return {
             "server": "lacuna 0.1.0",
-            "model": engine.loaded.name if engine else None,
+            "model": (engine.loaded.name + (" (random weights)" if engine.loaded.random_weights else "")
+                      if engine else None),
             "device": str(engine.device) if engine else None,
             "ready": engine is not None,
             "lastLatencyMs": ls.completer.last_latency_ms,
             "lastRequest": ls.completer.last_timing,
             "accepted": ls.completer.accepted,
+            "cancelled": ls.completer.cancelled,
         }
 
     return ls

@@ -206,3 +206,85 @@ async def test_malformed_messages_on_the_wire(server_command):
     finally:
         process.kill()
         await process.wait()
+
+
+# A block to fill after a long prefix: with random weights, one token a step, so it takes a while.
+SLOW = "def mean(values):\n    total = sum(values)\n    return total\n\n" * 60 + "def median(values):\n    "
+SLOW_END = {"line": SLOW.count("\n"), "character": 4}
+
+
+async def status(client):
+    return await client.workspace_execute_command_async(types.ExecuteCommandParams(command="lacuna.status"))
+
+
+async def test_cancel_request_reaches_the_engine():
+    process = await asyncio.create_subprocess_exec(*command(), stdin=asyncio.subprocess.PIPE,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    wire = Wire(process)
+    notify = lambda method, params: wire.send(json.dumps(  # noqa: E731
+        {"jsonrpc": "2.0", "method": method, "params": params}).encode())
+    ask = {"textDocument": {"uri": PY_URI}, "position": {"line": 2, "character": 11}, "context": {"triggerKind": 1}}
+    try:
+        wire.request(1, "initialize", {"capabilities": {}})
+        await asyncio.wait_for(wire.response(1), 30)
+        notify("initialized", {})
+        notify("textDocument/didOpen", {"textDocument": {"uri": PY_URI, "languageId": "python", "version": 1,
+                                                         "text": SLOW}})
+        wire.request(2, "textDocument/inlineCompletion", ask)  # the default model: random, one token a step
+        await asyncio.wait_for(wire.response(2), 60)
+        wire.request(3, "textDocument/inlineCompletion", ask | {"position": SLOW_END})
+        await asyncio.sleep(0.02)
+        notify("$/cancelRequest", {"id": 3})
+        assert (await asyncio.wait_for(wire.response(3), 30))["error"]["code"] == -32800
+        wire.request(4, "workspace/executeCommand", {"command": "lacuna.status"})
+        assert (await asyncio.wait_for(wire.response(4), 30))["result"]["cancelled"] == 1
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def test_a_newer_request_supersedes_the_one_in_flight():
+    client, _, _ = await start(command())
+    try:
+        open_doc(client, PY_URI, SLOW)
+        await inline(client, PY_URI, 0, 0)
+        older = asyncio.ensure_future(inline(client, PY_URI, SLOW_END["line"], SLOW_END["character"]))
+        await asyncio.sleep(0.02)
+        newer = await inline(client, PY_URI, 2, 11)
+        assert (await older).items == ()  # answered, empty: it was superseded
+        assert newer.items is not None
+        assert (await status(client))["cancelled"] == 1
+    finally:
+        await stop(client)
+
+
+async def test_tcp_on_loopback(server_command, unused_tcp_port):
+    process = await asyncio.create_subprocess_exec(*server_command, "--tcp", "--port", str(unused_tcp_port),
+                                                   stderr=asyncio.subprocess.DEVNULL)
+    client = LanguageClient("test", "0")
+    try:
+        for _ in range(100):
+            try:
+                await client.start_tcp("127.0.0.1", unused_tcp_port)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        await client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities()))
+        client.initialized(types.InitializedParams())
+        open_doc(client, PY_URI, "x = ")
+        assert (await inline(client, PY_URI, 0, 4)).items
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def test_debounce_lets_only_the_latest_request_ask(server_command):
+    client, _, _ = await start(server_command, options={"debounceMs": 300})
+    try:
+        open_doc(client, PY_URI, "a = \nb = \n")
+        first = asyncio.ensure_future(inline(client, PY_URI, 0, 4))
+        await asyncio.sleep(0.05)
+        second = await inline(client, PY_URI, 1, 4)
+        assert (await first).items == () and second.items
+    finally:
+        await stop(client)
