@@ -165,7 +165,13 @@ class Engine:
         return request.cancel() if request else False
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
+        if not text:
+            return []
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates (undecodable bytes a client passed on): U+FFFD instead
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def close(self) -> None:
         """Stop the worker; requests still queued or running fail with EngineError."""

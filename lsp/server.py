@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from lsprotocol import types
-from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 
@@ -27,6 +27,8 @@ LABEL_CHARS = 40
 
 class Protocol(LanguageServerProtocol):
     def structure_message(self, data):
+        if isinstance(data, dict) and data.get("method") == "initialize":
+            _prefer_utf8(data)
         try:
             return super().structure_message(data)
         except JsonRpcException as error:
@@ -35,6 +37,22 @@ class Protocol(LanguageServerProtocol):
                 reason = JsonRpcInvalidParams(f"invalid params for {data['method']}: {error.__cause__ or error}")
                 self._send_response(data["id"], error=reason.to_response_error())
             raise
+
+    def handle_message(self, message):
+        # pygls drops requests after shutdown without an answer, leaving the client waiting.
+        if self._shutdown and getattr(message, "id", None) is not None and getattr(message, "method", None):
+            self._send_response(message.id, error=JsonRpcInvalidRequest("the server is shutting down").to_response_error())
+            return
+        super().handle_message(message)
+
+
+def _prefer_utf8(initialize: dict) -> None:
+    """Put UTF-8 first among the client's position encodings: pygls takes the first it knows,
+    and UTF-8 spares converting every position (UTF-16 stays the default)."""
+    general = ((initialize.get("params") or {}).get("capabilities") or {}).get("general") or {}
+    encodings = general.get("positionEncodings")
+    if isinstance(encodings, list) and "utf-8" in encodings:
+        general["positionEncodings"] = ["utf-8"] + [e for e in encodings if e != "utf-8"]
 
 
 class LacunaServer(LanguageServer):

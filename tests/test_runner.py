@@ -201,3 +201,7 @@ def test_graphed_steps_match_eager_full_windows(device, options):
     finally:
         graphed.close()
         eager.close()
+
+
+def test_lone_surrogates_in_the_context(engine):
+    assert engine.complete("x = '\udcff' + ", "\n", 4)[0].steps >= 1

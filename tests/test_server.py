@@ -123,7 +123,8 @@ async def test_no_completion_inside_a_word_or_comment(server_command):
 
 
 async def test_utf8_when_the_client_offers_it_and_emoji_positions(server_command):
-    client, result, _ = await start(server_command, encodings=[types.PositionEncodingKind.Utf8])
+    client, result, _ = await start(server_command, encodings=[types.PositionEncodingKind.Utf16,
+                                                               types.PositionEncodingKind.Utf8])
     try:
         assert result.capabilities.position_encoding == types.PositionEncodingKind.Utf8
         open_doc(client, TEXT_URI, "😀 smile: ", language="plaintext")
@@ -288,3 +289,28 @@ async def test_debounce_lets_only_the_latest_request_ask(server_command):
         assert (await first).items == () and second.items
     finally:
         await stop(client)
+
+
+async def test_big_files_long_lines_nul_and_lone_surrogates(server_command):
+    client, _, _ = await start(server_command)
+    try:
+        big = "value = 1\n" * 1_000_000 + "x" * 100_000 + " = "  # 10 MB, and a line of 100,000 characters
+        open_doc(client, PY_URI, big)
+        assert (await asyncio.wait_for(inline(client, PY_URI, 1_000_000, 100_003), 60)).items is not None
+        # What a client may send for bytes read from disk: NUL, and undecodable bytes as lone surrogates.
+        open_doc(client, TEXT_URI, "a\x00b \udcff c ", language="plaintext")
+        assert (await inline(client, TEXT_URI, 0, 8)).items
+        open_doc(client, "file:///work/data.xyz", "some data ", language="cobol")  # no grammar: plain text
+        assert (await inline(client, "file:///work/data.xyz", 0, 10)).items
+    finally:
+        await stop(client)
+
+
+async def test_requests_after_shutdown_get_an_error(server_command):
+    client, _, _ = await start(server_command)
+    open_doc(client, PY_URI, "x = ")
+    await client.shutdown_async(None)
+    with pytest.raises(Exception, match="shutting down"):
+        await asyncio.wait_for(inline(client, PY_URI, 0, 4), 10)
+    client.exit(None)
+    await client.stop()
