@@ -65,3 +65,10 @@ def test_bench_refuses_a_shape_too_big_for_this_machine():
     run = lacuna("bench", "--shape", "7b", "--device", "cpu")
     assert run.returncode == 2
     assert "use a GPU" in run.stderr
+
+
+def test_demo_asks_a_real_server(constant_checkpoint):
+    run = lacuna("demo", DEMO, "--line", 7, "--character", 11, "--json", "--model", constant_checkpoint)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)[0].strip("x") == ""
+    assert "lacuna demo: model" in run.stderr
