@@ -15,6 +15,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
 
 
+def _add_position_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file")
+    parser.add_argument("--line", type=int, required=True, help="0-based line")
+    parser.add_argument("--character", type=int, required=True, help="0-based UTF-16 column")
+
+
 def _load_engine(args, **kwargs):
     from engine.runner import Engine
 
@@ -159,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     complete = sub.add_parser("complete", help="fill the middle at one position of a file")
-    complete.add_argument("file")
-    complete.add_argument("--line", type=int, required=True, help="0-based line")
-    complete.add_argument("--character", type=int, required=True, help="0-based UTF-16 column")
+    _add_position_args(complete)
     complete.add_argument("--tokens", type=int, default=32, help="masked tokens to fill (default 32)")
     complete.add_argument("--policy", choices=["threshold", "steps", "fixed"], default="threshold")
     complete.add_argument("--threshold", type=float, default=0.9)
@@ -179,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="start the server, ask it for a suggestion at one position, print it")
-    demo.add_argument("file")
-    demo.add_argument("--line", type=int, required=True, help="0-based line")
-    demo.add_argument("--character", type=int, required=True, help="0-based UTF-16 column")
+    _add_position_args(demo)
     demo.add_argument("--json", action="store_true", help="print the suggestions as a JSON list")
     _add_model_args(demo)
     demo.set_defaults(func=cmd_demo)
