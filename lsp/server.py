@@ -76,7 +76,9 @@ class LacunaServer(LanguageServer):
             self.window_show_message(types.ShowMessageParams(types.MessageType.Warning, f"Lacuna: {error}"))
 
     def encoding(self) -> str:
-        return str(self.workspace.position_encoding or "utf-16")
+        """The negotiated position encoding: "utf-16", "utf-8" or "utf-32"."""
+        encoding = self.workspace.position_encoding or types.PositionEncodingKind.Utf16
+        return getattr(encoding, "value", encoding)
 
     def load_engine(self) -> None:
         """Load the model off the event loop; requests answer empty until it is resident."""

@@ -134,6 +134,18 @@ async def test_utf8_when_the_client_offers_it_and_emoji_positions(server_command
         await stop(client)
 
 
+@pytest.mark.parametrize("encodings, end, word_start", [(None, 13, 11), ([types.PositionEncodingKind.Utf8], 15, 13)])
+async def test_positions_count_code_units_of_the_negotiated_encoding(server_command, encodings, end, word_start):
+    client, _, _ = await start(server_command, encodings=encodings)
+    try:
+        open_doc(client, PY_URI, "s = '😀' + ab")  # the emoji: 2 UTF-16 units, 4 UTF-8 bytes
+        result = await client.text_document_completion_async(types.CompletionParams(
+            text_document=types.TextDocumentIdentifier(PY_URI), position=types.Position(0, end)))
+        assert result.items[0].text_edit.range.start == types.Position(0, word_start)
+    finally:
+        await stop(client)
+
+
 async def test_bad_configuration_is_reported_and_defaulted(server_command):
     client, _, messages = await start(server_command, options={"maxTokens": "many", "candidates": 2})
     try:
