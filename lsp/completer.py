@@ -81,8 +81,7 @@ class Completer:
         if rest is not None:
             self.last_timing["typedThrough"] = 1.0
             return rest
-        if doc.needs_parse:  # usually parsed already, right after the last edit
-            await asyncio.to_thread(doc.reparse)
+        doc.reparse()  # usually done already, once typing paused
         span = plan_span(doc, offset, self.options)
         if span is None or self.engine is None:
             return []

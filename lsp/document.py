@@ -2,13 +2,14 @@
 
 The server keeps its own copy of each document's text, so every edit can be given to
 tree-sitter exactly (pygls has already applied the edit to its copy by the time a handler
-runs). Edits are recorded at once and parsed later, off the event loop and once per burst of
-keystrokes: `reparse()` may run in any thread while edits keep arriving.
+runs). Edits are recorded at once and parsed later, once per burst of keystrokes; `reparse()`
+is safe from any thread while edits keep arriving.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import threading
 
 from tree_sitter import Point, Tree
@@ -69,11 +70,7 @@ class Document:
     @property
     def line_starts(self) -> list[int]:
         if self._line_starts is None:
-            starts, at = [0], self.text.find("\n")
-            while at != -1:
-                starts.append(at + 1)
-                at = self.text.find("\n", at + 1)
-            self._line_starts = starts
+            self._line_starts = [0, *itertools.accumulate(len(line) + 1 for line in self.text.split("\n")[:-1])]
         return self._line_starts
 
     def offset(self, line: int, character: int, encoding: str = "utf-16") -> int:

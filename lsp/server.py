@@ -9,6 +9,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.language_server import lsp_method
 
 from engine.runner import Engine
 from engine.sampler import EngineError
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 ACCEPTED = "lacuna.accepted"
 STATUS = "lacuna.status"
 LABEL_CHARS = 40
+PARSE_DELAY_S = 0.05  # a pause in typing this long, and edits are parsed
 
 
 class Protocol(LanguageServerProtocol):
@@ -37,6 +39,20 @@ class Protocol(LanguageServerProtocol):
                 reason = JsonRpcInvalidParams(f"invalid params for {data['method']}: {error.__cause__ or error}")
                 self._send_response(data["id"], error=reason.to_response_error())
             raise
+
+    # The server keeps its own documents (document.py). pygls's copies would double the cost of
+    # every keystroke (it rebuilds a document's whole text for each change), so they are skipped.
+    @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
+    def lsp_text_document__did_open(self, params):
+        yield self.fm.features[types.TEXT_DOCUMENT_DID_OPEN], (params,), None
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params):
+        yield self.fm.features[types.TEXT_DOCUMENT_DID_CHANGE], (params,), None
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
+    def lsp_text_document__did_close(self, params):
+        yield self.fm.features[types.TEXT_DOCUMENT_DID_CLOSE], (params,), None
 
     def handle_message(self, message):
         # pygls drops requests after shutdown without an answer, leaving the client waiting.
@@ -63,6 +79,7 @@ class LacunaServer(LanguageServer):
         self.completer.engine = engine
         self.documents: dict[str, Document] = {}
         self.engine_ready: asyncio.Future | None = None
+        self.parse_timers: dict[str, asyncio.TimerHandle] = {}
 
     def report_server_error(self, error: Exception, source) -> None:
         log.error("%s: %s", source.__name__, error)  # logged, not popped up in the editor
@@ -74,6 +91,16 @@ class LacunaServer(LanguageServer):
         self.options = self.completer.options = options
         for error in errors:
             self.window_show_message(types.ShowMessageParams(types.MessageType.Warning, f"Lacuna: {error}"))
+
+    def warm_up_later(self, doc: Document) -> None:
+        """Parse the document once typing pauses, so the next completion finds its tree ready.
+        tree-sitter holds the GIL while it parses, so parsing at once would delay the answers
+        to the keystrokes that follow (typing through a suggestion must stay instant)."""
+        loop = asyncio.get_running_loop()
+        previous = self.parse_timers.pop(doc.uri, None)
+        if previous is not None:
+            previous.cancel()
+        self.parse_timers[doc.uri] = loop.call_later(PARSE_DELAY_S, warm_up, doc)
 
     def encoding(self) -> str:
         """The negotiated position encoding: "utf-16", "utf-8" or "utf-32"."""
@@ -101,7 +128,7 @@ class LacunaServer(LanguageServer):
 
 
 def warm_up(doc: Document) -> None:
-    """Parse a document's latest edits and outline it, off the event loop."""
+    """Parse a document's latest edits and outline it."""
     if doc.parser is not None:
         doc.reparse()
         outline(doc)
@@ -122,7 +149,7 @@ def create_server(options: Options | None = None, engine: Engine | None = None) 
     def did_open(ls: LacunaServer, params: types.DidOpenTextDocumentParams):
         item = params.text_document
         ls.documents[item.uri] = doc = Document(item.uri, item.text, item.language_id, item.version)
-        asyncio.get_running_loop().run_in_executor(None, warm_up, doc)
+        ls.warm_up_later(doc)
 
     @ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)
     def did_change(ls: LacunaServer, params: types.DidChangeTextDocumentParams):
@@ -136,12 +163,15 @@ def create_server(options: Options | None = None, engine: Engine | None = None) 
             else:
                 doc.apply_change(None, None, change.text)
         doc.version = params.text_document.version
-        asyncio.get_running_loop().run_in_executor(None, warm_up, doc)  # ready before the next request
+        ls.warm_up_later(doc)
 
     @ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: LacunaServer, params: types.DidCloseTextDocumentParams):
         ls.documents.pop(params.text_document.uri, None)
         ls.completer.forget(params.text_document.uri)
+        timer = ls.parse_timers.pop(params.text_document.uri, None)
+        if timer is not None:
+            timer.cancel()
 
     async def candidates(ls: LacunaServer, uri: str, position: types.Position):
         doc = ls.documents.get(uri)
