@@ -120,9 +120,9 @@ class LacunaServer(LanguageServer):
             try:
                 self.completer.engine = await asyncio.to_thread(load)
             except Exception as error:  # a bad checkpoint must not take the server down
+                log.error("cannot load the model: %s", error)
                 self.window_show_message(types.ShowMessageParams(
                     types.MessageType.Error, f"Lacuna: cannot load the model: {error}"))
-                raise
 
         self.engine_ready = asyncio.ensure_future(install())
 
@@ -178,7 +178,7 @@ def create_server(options: Options | None = None, engine: Engine | None = None) 
         if doc is None:
             return None, 0, []
         if ls.engine_ready is not None and not ls.engine_ready.done():
-            await asyncio.shield(ls.engine_ready)
+            await asyncio.wait([ls.engine_ready])  # the first requests wait for the model to load
         offset = doc.offset(position.line, position.character, ls.encoding())
         try:
             found = await ls.completer.complete(doc, offset, list(ls.documents.values()))

@@ -326,3 +326,14 @@ async def test_requests_after_shutdown_get_an_error(server_command):
         await asyncio.wait_for(inline(client, PY_URI, 0, 4), 10)
     client.exit(None)
     await client.stop()
+
+
+async def test_a_model_that_cannot_load_is_reported_and_requests_answer_empty(tmp_path):
+    client, _, messages = await start(command("--model", str(tmp_path / "missing")))
+    try:
+        open_doc(client, PY_URI, "x = ")
+        assert (await inline(client, PY_URI, 0, 4)).items == ()
+        assert any("cannot load the model" in m and "does not exist" in m for m in messages)
+        assert (await status(client))["ready"] is False
+    finally:
+        await stop(client)
