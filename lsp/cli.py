@@ -122,6 +122,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from . import humaneval
+
+    result = humaneval.evaluate(args.mode, limit=args.limit, model_dir=args.model, device=args.device)
+    print(json.dumps(result) if args.json else humaneval.format_report(result))
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.lsp:
         from . import bench as lsp_bench
@@ -187,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", action="store_true", help="print the suggestions as a JSON list")
     _add_model_args(demo)
     demo.set_defaults(func=cmd_demo)
+
+    evaluate = sub.add_parser("eval", help="HumanEval-Infilling through the language server's completion path")
+    evaluate.add_argument("suite", choices=["humaneval-infill"])
+    evaluate.add_argument("--mode", choices=["single-line", "multi-line", "random-span"], default="single-line")
+    evaluate.add_argument("--limit", type=int, help="the first N tasks (spread over the problems)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_model_args(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="infill latency of the samplers and an autoregressive baseline")
     bench.add_argument("--json", action="store_true", help="print the rows as a JSON list")
