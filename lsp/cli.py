@@ -122,6 +122,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import logging
+
+    from engine import train
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    try:
+        if args.stage == "corpus":
+            result = train.build_corpus(args.out, site_packages=args.site_packages,
+                                        packages=[] if args.no_download else None)
+        elif args.stage == "tokenizer":
+            result = str(train.train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size))
+        else:
+            result = train.train_model(args.corpus, args.tokenizer, args.out, steps=args.steps, minutes=args.minutes,
+                                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                                       device=args.device, compile_model=args.compile)
+    except train.TrainingError as err:
+        print(f"lacuna train {args.stage}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from . import humaneval
 
@@ -196,6 +219,31 @@ def main(argv: list[str] | None = None) -> int:
     _add_model_args(demo)
     demo.set_defaults(func=cmd_demo)
 
+    train = sub.add_parser("train", help="build the bundled model: corpus, tokenizer, model")
+    stages = train.add_subparsers(dest="stage", required=True)
+    corpus = stages.add_parser("corpus", help="permissively licensed Python source, deduplicated, without HumanEval")
+    corpus.add_argument("out")
+    corpus.add_argument("--site-packages", action="store_true", help="also the installed packages' sources (offline)")
+    corpus.add_argument("--no-download", action="store_true", help="no pinned package downloads")
+    corpus.set_defaults(func=cmd_train)
+    tokenizer = stages.add_parser("tokenizer", help="byte-level BPE on the corpus")
+    tokenizer.add_argument("corpus")
+    tokenizer.add_argument("out")
+    tokenizer.add_argument("--vocab-size", type=int, default=12288)
+    tokenizer.set_defaults(func=cmd_train)
+    model = stages.add_parser("model", help="masked-diffusion training with an infilling curriculum; resumes")
+    model.add_argument("corpus")
+    model.add_argument("tokenizer", help="tokenizer.json")
+    model.add_argument("out")
+    model.add_argument("--steps", type=int)
+    model.add_argument("--minutes", type=float)
+    model.add_argument("--batch-size", type=int, default=32)
+    model.add_argument("--seq-len", type=int, default=1024)
+    model.add_argument("--lr", type=float, default=1e-3)
+    model.add_argument("--device", choices=["cpu", "cuda", "mps"])
+    model.add_argument("--compile", action="store_true", help="torch.compile the model")
+    model.set_defaults(func=cmd_train)
+
     evaluate = sub.add_parser("eval", help="HumanEval-Infilling through the language server's completion path")
     evaluate.add_argument("suite", choices=["humaneval-infill"])
     evaluate.add_argument("--mode", choices=["single-line", "multi-line", "random-span"], default="single-line")
@@ -219,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "shape", None) and getattr(args, "model", None):
         parser.error("--shape and --model are exclusive")
-    if args.device == "cuda" or args.device == "mps":
+    if getattr(args, "device", None) in ("cuda", "mps"):
         import torch
 
         if not (torch.cuda.is_available() if args.device == "cuda" else torch.backends.mps.is_available()):

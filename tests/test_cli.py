@@ -72,3 +72,9 @@ def test_demo_asks_a_real_server(constant_checkpoint):
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)[0].strip("x") == ""
     assert "lacuna demo: model" in run.stderr
+
+
+def test_train_reports_a_bad_corpus_clearly(tmp_path):
+    run = lacuna("train", "model", tmp_path / "no-corpus", tmp_path / "tokenizer.json", tmp_path / "out", "--steps", 1)
+    assert run.returncode == 2
+    assert "lacuna train model:" in run.stderr and "Traceback" not in run.stderr
