@@ -13,7 +13,7 @@ the token draw. Once a position decodes to EOS or pad, the infill ends there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor

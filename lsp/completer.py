@@ -88,12 +88,12 @@ class Completer:
         context = build_context(doc, offset, documents, prefix_tokens=self.engine.max_tokens * 8)
         n = self.options.candidates
         key = (context.prefix, context.suffix, span, n)
+        before, after = doc.text[:offset], doc.text[offset:]
         answers = self.cache.get(key)
         if answers is None:
             texts = await self._infill(doc.uri, context.prefix, context.suffix, span.tokens, n)
             if texts is None:
                 return []
-            before, after = doc.text[:offset], doc.text[offset:]
             answers = []
             for text in texts:
                 candidate = postprocess(text, prefix=before, suffix=after, language=doc.language_id,
@@ -104,7 +104,7 @@ class Completer:
             while len(self.cache) > CACHE_SIZE:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)
-        self.shown[doc.uri] = Shown(doc.text[:offset], doc.text[offset:], answers)
+        self.shown[doc.uri] = Shown(before, after, answers)
         return answers
 
     async def _infill(self, uri: str, prefix: str, suffix: str, tokens: int, n: int) -> list[str] | None:
