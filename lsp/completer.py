@@ -81,7 +81,6 @@ class Completer:
         if rest is not None:
             self.last_timing["typedThrough"] = 1.0
             return rest
-        doc.reparse()  # usually done already, once typing paused
         span = plan_span(doc, offset, self.options)
         if span is None or self.engine is None:
             return []
