@@ -135,7 +135,8 @@ def cmd_train(args) -> int:
         elif args.stage == "tokenizer":
             result = str(train.train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size))
         else:
-            result = train.train_model(args.corpus, args.tokenizer, args.out, steps=args.steps, minutes=args.minutes,
+            result = train.train_model(args.corpus, args.tokenizer, args.out, config=train.CONFIGS[args.config],
+                                       steps=args.steps, minutes=args.minutes,
                                        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                        device=args.device, compile_model=args.compile)
     except train.TrainingError as err:
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("corpus")
     model.add_argument("tokenizer", help="tokenizer.json")
     model.add_argument("out")
+    model.add_argument("--config", choices=["bundled", "cpu", "tiny"], default="bundled",
+                       help="bundled: 29.9M parameters, for a GPU; cpu: 7.9M, the interim model a CPU can train")
     model.add_argument("--steps", type=int)
     model.add_argument("--minutes", type=float)
     model.add_argument("--batch-size", type=int, default=32)
