@@ -9,6 +9,7 @@ are rows of one batch that share one context encoding.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import itertools
 import logging
@@ -18,6 +19,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +106,7 @@ class Engine:
         # For monitoring: scheduler steps run (each a denoising step of every request in it),
         # and the most requests one step served.
         self.stats = {"steps": 0, "max_batch_requests": 0}
+        self.on_step: Callable[[int], None] | None = None  # called with each step's request count
         self._worker = threading.Thread(target=self._serve, name="lacuna-engine", daemon=True)
         self._worker.start()
         atexit.register(self.close)  # the worker must not be running torch code at interpreter exit
@@ -158,6 +161,26 @@ class Engine:
 
     def complete(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> list[Completion]:
         return self.submit(prefix, suffix, n_tokens, **kwargs).result()
+
+    async def infill(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> list[Completion]:
+        """`submit` for asyncio callers: cancelling the awaiting task cancels the engine's work."""
+        # Tokenizing a long context takes a millisecond or more: not on the event loop.
+        submitted = asyncio.ensure_future(asyncio.to_thread(self.submit, prefix, suffix, n_tokens, **kwargs))
+        try:
+            request = await asyncio.shield(submitted)
+        except asyncio.CancelledError:  # cancelled while submitting: stop the work all the same
+            submitted.add_done_callback(lambda done: done.exception() or done.result().cancel())
+            raise
+        try:
+            return await asyncio.wrap_future(request.future)
+        except asyncio.CancelledError:
+            request.cancel()
+            raise
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or being denoised."""
+        return len(self._requests)
 
     def cancel(self, request_id: int) -> bool:
         """Cancel by id; False for an unknown or finished request."""
@@ -219,7 +242,8 @@ class Engine:
 
     def _retire_if_over(self, request: Request) -> bool:
         """Resolve a request that is done, cancelled or past its deadline; True if resolved."""
-        if request.future.done():
+        if request.future.done():  # resolved, or cancelled through an asyncio wrapper of its future
+            self._forget(request)
             return True
         if request.cancelled.is_set():
             request.future.cancel()
@@ -257,6 +281,8 @@ class Engine:
     def _step(self, batch: list[Request]) -> None:
         self.stats["steps"] += 1
         self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], len(batch))
+        if self.on_step is not None:
+            self.on_step(len(batch))
         encode, window = [], []
         for request in batch:
             opts = request.denoiser.options

@@ -79,11 +79,30 @@ def cmd_serve(args) -> int:
     # stdout carries the protocol: logs go to stderr, where editors show them.
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = create_server(Options(model_dir=args.model, device=args.device))
+    server = create_server(Options(model_dir=args.model, device=args.device, engine_url=args.engine_url,
+                                   engine_model=args.engine_model))
     if args.tcp:
         server.start_tcp(args.host, args.port)
     else:
         server.start_io()
+    return 0
+
+
+def cmd_engine(args) -> int:
+    import logging
+
+    from engine.service import Limits, require_key_off_loopback, serve
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    api_key = args.api_key or os.environ.get("LACUNA_API_KEY")
+    require_key_off_loopback(args.host, api_key)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, max_n=args.max_n)
+    if args.ray:
+        from engine import ray_serve
+
+        ray_serve.run(args.model, args.device, args.replicas, args.host, args.port, api_key, limits)
+        return 0
+    serve(_load_engine(args, max_tokens=args.max_tokens), args.host, args.port, api_key, limits)
     return 0
 
 
@@ -155,6 +174,24 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.engine_url and args.editors:
+        import asyncio
+
+        from engine import http_bench
+
+        result = asyncio.run(http_bench.load(args.engine_url, editors=args.editors, seconds=args.seconds,
+                                             api_key=os.environ.get("LACUNA_API_KEY")))
+        print(json.dumps(result, indent=None if args.json else 1))
+        return 0 if not result["errors"] else 1
+    if args.engine_url:
+        from engine import http_bench
+
+        progress = None if args.json else (lambda row: print(json.dumps(row), flush=True))
+        rows = http_bench.compare(_load_engine(args), args.engine_url, reps=args.reps,
+                                  api_key=os.environ.get("LACUNA_API_KEY"), progress=progress)
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        return 0
     if args.lsp:
         from . import bench as lsp_bench
 
@@ -211,8 +248,24 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="TCP address (default: loopback only)")
     serve.add_argument("--port", type=int, default=2087)
     serve.add_argument("--verbose", action="store_true", help="log requests to stderr")
+    serve.add_argument("--engine-url", metavar="URL",
+                       help="send infills to this FIM endpoint (`lacuna engine`) instead of loading a model; "
+                            "an API key is read from LACUNA_API_KEY")
+    serve.add_argument("--engine-model", metavar="NAME", help="the `model` to ask the endpoint for")
     _add_model_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    engine = sub.add_parser("engine", help="serve the model over HTTP to many editors (FIM API)")
+    engine.add_argument("--host", default="127.0.0.1", help="default: loopback only; other addresses need an API key")
+    engine.add_argument("--port", type=int, default=8765)
+    engine.add_argument("--api-key", help="required of clients (default: LACUNA_API_KEY)")
+    engine.add_argument("--max-tokens", type=int, default=256, help="the largest max_tokens a request may ask")
+    engine.add_argument("--max-n", type=int, default=8, help="the most candidates a request may ask")
+    engine.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    engine.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'lacuna-lsp[ray]')")
+    engine.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas, one device each")
+    _add_model_args(engine)
+    engine.set_defaults(func=cmd_engine)
 
     demo = sub.add_parser("demo", help="start the server, ask it for a suggestion at one position, print it")
     _add_position_args(demo)
@@ -259,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     bench.add_argument("--lsp", action="store_true", help="the language server over the protocol instead")
     bench.add_argument("--requests", type=int, default=40, help="--lsp: completion requests to time")
+    bench.add_argument("--engine-url", metavar="URL", help="an engine service: the same infills in-process "
+                       "(--model) and over HTTP, side by side")
+    bench.add_argument("--editors", type=int, help="--engine-url: a load test with this many simulated editors")
+    bench.add_argument("--seconds", type=float, default=60, help="--editors: how long")
     bench.add_argument("--quick", action="store_true", help="context 2048, middle 64 only")
     bench.add_argument("--shape", choices=["tiny", "0.5b", "7b"], help="random weights of a real checkpoint's shape")
     bench.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPUs, fp32 on CPUs")

@@ -38,7 +38,7 @@ class Completer:
         self.engine: Engine | None = None
         self.cache: OrderedDict[tuple, list[Candidate]] = OrderedDict()
         self.shown: dict[str, Shown] = {}
-        self.in_flight: dict[str, object] = {}  # uri -> engine Request
+        self.in_flight: dict[str, asyncio.Future] = {}  # uri -> the engine's work for it
         self.waiting: dict[str, object] = {}  # uri -> the newest request in its debounce
         self.last_latency_ms: float | None = None  # the engine's, for the last infill
         self.last_timing: dict[str, float] = {}  # the last request's: total and engine milliseconds
@@ -118,27 +118,19 @@ class Completer:
             previous.cancel()
         engine = self.engine
         start = time.perf_counter()
-        # Tokenizing a long context takes a millisecond or more: not on the event loop.
-        submitted = asyncio.ensure_future(asyncio.to_thread(
-            engine.submit, prefix, suffix, min(tokens, engine.max_tokens), n=n,
-            options=DecodeOptions(), time_budget=self.options.time_budget_ms / 1000))
+        work = asyncio.ensure_future(engine.infill(
+            prefix, suffix, min(tokens, engine.max_tokens), n=n, options=DecodeOptions(),
+            time_budget=self.options.time_budget_ms / 1000))
+        self.in_flight[uri] = work
         try:
-            request = await asyncio.shield(submitted)
-        except asyncio.CancelledError:  # cancelled while submitting: stop the engine's work all the same
-            submitted.add_done_callback(lambda done: done.exception() or done.result().cancel())
-            self.cancelled += 1
-            raise
-        self.in_flight[uri] = request
-        try:
-            completions = await asyncio.wrap_future(request.future)
+            completions = await work  # cancelling this request cancels `work` too
         except asyncio.CancelledError:
-            request.cancel()
             self.cancelled += 1
             if asyncio.current_task().cancelling():
                 raise  # the client cancelled this request
             return None  # a newer request cancelled it
         finally:
-            if self.in_flight.get(uri) is request:
+            if self.in_flight.get(uri) is work:
                 del self.in_flight[uri]
         self.last_latency_ms = self.last_timing["engineMs"] = (time.perf_counter() - start) * 1000
         return [c.text for c in completions]

@@ -15,7 +15,8 @@ DEVICES = ("cpu", "cuda", "mps")
 class Options:
     model_dir: str | None = None  # checkpoint directory; None: the default model
     device: str | None = None  # "cpu", "cuda" or "mps"; None: the best one present
-    engine_url: str | None = None  # an engine service to use instead of a model in-process
+    engine_url: str | None = None  # a FIM endpoint (`lacuna engine`) instead of a model in-process
+    engine_model: str | None = None  # the `model` field sent to it (hosted APIs need one)
     max_tokens: int = 64  # masked tokens for a block; a single line gets at most a third of it
     multiline: bool = True  # allow block completions
     enabled_languages: list[str] = field(default_factory=lambda: ["*"])  # languageIds, "*" for all

@@ -19,6 +19,7 @@ from .config import Options, update_options
 from .context import outline
 from .document import Document
 from .postprocess import Candidate
+from .remote import RemoteEngine
 
 log = logging.getLogger(__name__)
 ACCEPTED = "lacuna.accepted"
@@ -86,8 +87,9 @@ class LacunaServer(LanguageServer):
 
     def set_options(self, settings: object) -> None:
         options, errors = update_options(self.options, settings)
-        if self.engine_ready is not None and options.model_dir != self.options.model_dir:
-            errors.append("a new modelDir takes effect when the server restarts")
+        started = self.engine_ready is not None or self.completer.engine is not None
+        if started and (options.model_dir, options.engine_url) != (self.options.model_dir, self.options.engine_url):
+            errors.append("a new modelDir or engineUrl takes effect when the server restarts")
         self.options = self.completer.options = options
         for error in errors:
             self.window_show_message(types.ShowMessageParams(types.MessageType.Warning, f"Lacuna: {error}"))
@@ -108,10 +110,15 @@ class LacunaServer(LanguageServer):
         return getattr(encoding, "value", encoding)
 
     def load_engine(self) -> None:
-        """Load the model off the event loop; requests answer empty until it is resident."""
+        """Load the model off the event loop (requests answer empty until it is resident), or
+        connect to the engine service the options name."""
         if self.completer.engine is not None or self.engine_ready is not None:
             return
         options = self.options
+        if options.engine_url:
+            self.completer.engine = RemoteEngine(options.engine_url, model=options.engine_model,
+                                                 on_change=self.engine_changed)
+            return
 
         def load() -> Engine:
             return Engine.load(options.model_dir, device=options.device)
@@ -125,6 +132,17 @@ class LacunaServer(LanguageServer):
                     types.MessageType.Error, f"Lacuna: cannot load the model: {error}"))
 
         self.engine_ready = asyncio.ensure_future(install())
+
+    def engine_changed(self, up: bool, message: str) -> None:
+        """Tell the editor once when the engine service goes down and once when it is back."""
+        kind = types.MessageType.Info if up else types.MessageType.Warning
+        self.window_show_message(types.ShowMessageParams(kind, f"Lacuna: {message}"))
+
+
+def describe_model(engine: Engine | RemoteEngine | None) -> str | None:
+    if engine is None or isinstance(engine, RemoteEngine):
+        return engine and engine.name
+    return engine.loaded.name + (" (random weights)" if engine.loaded.random_weights else "")
 
 
 def warm_up(doc: Document) -> None:
@@ -243,10 +261,10 @@ def create_server(options: Options | None = None, engine: Engine | None = None) 
         engine = ls.completer.engine
         return {
             "server": "lacuna 0.1.0",
-            "model": (engine.loaded.name + (" (random weights)" if engine.loaded.random_weights else "")
-                      if engine else None),
+            "model": describe_model(engine),
             "device": str(engine.device) if engine else None,
-            "ready": engine is not None,
+            "ready": engine is not None and getattr(engine, "up", True),
+            "engine": ("up" if engine.up else "down") if isinstance(engine, RemoteEngine) else "in-process",
             "lastLatencyMs": ls.completer.last_latency_ms,
             "lastRequest": ls.completer.last_timing,
             "accepted": ls.completer.accepted,

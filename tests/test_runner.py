@@ -1,5 +1,6 @@
 """The resident engine: cache exactness, batching, candidates, cancellation, budgets, bad input."""
 
+import asyncio
 import dataclasses
 import threading
 from concurrent.futures import CancelledError
@@ -114,6 +115,22 @@ def test_cancel_stops_within_one_step(engine):
     assert not engine.cancel(request.id)
     assert not engine.cancel(123456)  # unknown
     assert engine.complete(PREFIX, SUFFIX, 4)[0].steps >= 1  # still serving
+
+
+async def test_cancelling_an_async_infill_stops_and_frees_it(engine):
+    slow = DecodeOptions(policy="steps", use_cache=False)
+    task = asyncio.ensure_future(engine.infill(PREFIX * 40, SUFFIX * 10, 200, options=slow))
+    while engine.pending == 0 or engine.stats["steps"] == 0:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(500):
+        if engine.pending == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.pending == 0  # nothing left behind in the engine's books
+    assert (await engine.infill(PREFIX, SUFFIX, 4))[0].steps >= 1
 
 
 def test_time_budget_returns_what_is_decoded(engine):

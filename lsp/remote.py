@@ -1,0 +1,95 @@
+"""An engine behind a FIM HTTP endpoint (`lacuna engine`, or a hosted API of the same shape),
+with the `infill` call the in-process Engine has.
+
+One kept-alive connection pool. Cancelling an infill closes its HTTP request, which makes
+`lacuna engine` stop denoising for it. When the endpoint is down, infills fail at once (no
+waiting on every keystroke) while a probe retries with backoff; `on_change(up, message)` hears
+each transition, so the server can tell the editor once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Callable
+
+import httpx
+
+from engine.runner import Completion
+from engine.sampler import EngineError
+
+log = logging.getLogger(__name__)
+API_KEY_ENV = "LACUNA_API_KEY"
+FIRST_RETRY_S, MAX_RETRY_S = 0.5, 30.0
+
+
+class EngineUnavailable(EngineError):
+    """The endpoint cannot be reached now."""
+
+
+class RemoteEngine:
+    def __init__(self, url: str, *, model: str | None = None, max_tokens: int = 256,
+                 on_change: Callable[[bool, str], None] | None = None):
+        self.url = url.rstrip("/")
+        self.model = model
+        self.max_tokens = max_tokens
+        self.on_change = on_change
+        self.up = True
+        self.name = f"{model or 'engine'} at {self.url}"
+        self.device = self.url
+        key = os.environ.get(API_KEY_ENV)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(60.0, connect=2.0))
+        self._probe: asyncio.Task | None = None
+
+    async def infill(self, prefix: str, suffix: str, n_tokens: int, *, n: int = 1, options=None,
+                     time_budget: float | None = None) -> list[Completion]:
+        if not self.up:
+            raise EngineUnavailable(f"the engine at {self.url} is down")
+        body = {"prompt": prefix, "suffix": suffix, "max_tokens": n_tokens, "n": n}
+        if self.model:
+            body["model"] = self.model
+        if options is not None:
+            body |= {"temperature": options.temperature, "top_p": options.top_p}
+        try:
+            response = await self.client.post(f"{self.url}/v1/fim/completions", json=body)
+        except httpx.TransportError as err:
+            self._went_down(err)
+            raise EngineUnavailable(f"the engine at {self.url} cannot be reached: {err}") from None
+        if response.status_code != 200:
+            raise EngineError(f"the engine at {self.url} answered {response.status_code}: {response.text[:200]}")
+        answer = response.json()
+        steps = (answer.get("lacuna") or {}).get("steps", 0)
+        return [Completion(c.get("text", ""), [], [], steps, c.get("finish_reason") or "stop")
+                for c in sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))]
+
+    def _went_down(self, err: Exception) -> None:
+        if not self.up:
+            return
+        self.up = False
+        log.warning("the engine at %s is down: %s", self.url, err)
+        if self.on_change:
+            self.on_change(False, f"the engine at {self.url} is down ({err}); retrying")
+        self._probe = asyncio.ensure_future(self._wait_until_up())
+
+    async def _wait_until_up(self) -> None:
+        delay = FIRST_RETRY_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                response = await self.client.get(f"{self.url}/health", timeout=2.0)
+                if response.status_code < 500:
+                    break
+            except httpx.TransportError:
+                pass
+            delay = min(delay * 2, MAX_RETRY_S)
+        self.up = True
+        log.info("the engine at %s is back", self.url)
+        if self.on_change:
+            self.on_change(True, f"the engine at {self.url} is back")
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+        await self.client.aclose()
