@@ -20,6 +20,8 @@ from .config import SHAPES, CheckpointError, ModelConfig
 from .model import Transformer, rope_inv_freq
 
 MASK_TOKEN, EOS_TOKEN, BOS_TOKEN = "<|mask|>", "<|endoftext|>", "<|beginoftext|>"
+# The model Lacuna ships (package data; its model card is README.md there), loaded by default.
+BUNDLED_DIR = Path(__file__).parent / "bundled"
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .graphs import GRAPH_CHUNK, StepGraph, cache_slots
-from .loader import LoadedModel, load_checkpoint, random_model
+from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, random_model
 from .model import KVCache
 from .sampler import DecodeOptions, Denoiser, EngineError, build_layout
 
@@ -116,14 +116,15 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path | None = None, device: str | None = None,
              dtype: torch.dtype | None = None, **kwargs) -> "Engine":
-        """Load `model_dir`, or with none a tiny random-weight model (its output is noise)."""
+        """Load `model_dir`, or with none the bundled model; without that (a source tree without
+        its weights), a tiny random-weight model whose output is noise."""
         device = device or default_device()
         dtype = dtype or default_dtype(device)
-        if model_dir is None:
-            log.warning("no model given and no bundled model yet: using a tiny random-weight model, "
-                        "whose completions are noise (give a checkpoint directory for real ones)")
+        if model_dir is None and not (BUNDLED_DIR / "config.json").exists():
+            log.warning("no model given and the bundled model is missing (%s): using a tiny random-weight model, "
+                        "whose completions are noise (give a checkpoint directory)", BUNDLED_DIR)
             return cls(random_model("tiny", device=device, dtype=dtype), **kwargs)
-        return cls(load_checkpoint(model_dir, device=device, dtype=dtype), **kwargs)
+        return cls(load_checkpoint(model_dir or BUNDLED_DIR, device=device, dtype=dtype), **kwargs)
 
     # -- the API callers use, from any thread -------------------------------------------
 

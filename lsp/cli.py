@@ -144,21 +144,21 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     import logging
 
-    from engine import train
+    from engine import corpus, train
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     try:
         if args.stage == "corpus":
-            result = train.build_corpus(args.out, site_packages=args.site_packages,
+            result = corpus.build_corpus(args.out, site_packages=args.site_packages,
                                         packages=[] if args.no_download else None)
         elif args.stage == "tokenizer":
-            result = str(train.train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size))
+            result = str(corpus.train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size))
         else:
             result = train.train_model(args.corpus, args.tokenizer, args.out, config=train.CONFIGS[args.config],
                                        steps=args.steps, minutes=args.minutes,
                                        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                        device=args.device, compile_model=args.compile)
-    except train.TrainingError as err:
+    except corpus.TrainingError as err:
         print(f"lacuna train {args.stage}: {err}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1, default=str))

@@ -230,8 +230,14 @@ async def status(client):
     return await client.workspace_execute_command_async(types.ExecuteCommandParams(command="lacuna.status"))
 
 
-async def test_cancel_request_reaches_the_engine():
-    process = await asyncio.create_subprocess_exec(*command(), stdin=asyncio.subprocess.PIPE,
+@pytest.fixture(scope="module")
+def random_command(checkpoints):
+    """A server whose model has random weights: low confidence, one token a step, so slow."""
+    return command("--model", str(checkpoints["qwen2"]))
+
+
+async def test_cancel_request_reaches_the_engine(random_command):
+    process = await asyncio.create_subprocess_exec(*random_command, stdin=asyncio.subprocess.PIPE,
                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     wire = Wire(process)
     notify = lambda method, params: wire.send(json.dumps(  # noqa: E731
@@ -256,8 +262,8 @@ async def test_cancel_request_reaches_the_engine():
         await process.wait()
 
 
-async def test_a_newer_request_supersedes_the_one_in_flight():
-    client, _, _ = await start(command())
+async def test_a_newer_request_supersedes_the_one_in_flight(random_command):
+    client, _, _ = await start(random_command)
     try:
         open_doc(client, PY_URI, SLOW)
         await inline(client, PY_URI, 0, 0)

