@@ -22,6 +22,7 @@ from .postprocess import Candidate, postprocess
 from .span import plan_span
 
 CACHE_SIZE = 64
+ALTERNATIVES_TEMPERATURE = 0.8
 
 
 @dataclass
@@ -118,12 +119,17 @@ class Completer:
             previous.cancel()
         engine = self.engine
         start = time.perf_counter()
-        work = asyncio.ensure_future(engine.infill(
-            prefix, suffix, min(tokens, engine.max_tokens), n=n, options=DecodeOptions(),
-            time_budget=self.options.time_budget_ms / 1000))
+        # The first candidate is the greedy infill; alternatives to cycle through are sampled (in
+        # the same denoising steps: the engine batches both requests).
+        ask = dict(prefix=prefix, suffix=suffix, n_tokens=min(tokens, engine.max_tokens),
+                   time_budget=self.options.time_budget_ms / 1000)
+        parts = [engine.infill(**ask, n=1, options=DecodeOptions())]
+        if n > 1:
+            parts.append(engine.infill(**ask, n=n - 1, options=DecodeOptions(temperature=ALTERNATIVES_TEMPERATURE)))
+        work = asyncio.gather(*parts)
         self.in_flight[uri] = work
         try:
-            completions = await work  # cancelling this request cancels `work` too
+            completions = [c for part in await work for c in part]  # cancelling this request cancels `work` too
         except asyncio.CancelledError:
             self.cancelled += 1
             if asyncio.current_task().cancelling():
