@@ -23,11 +23,13 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
-def constant_model(char: str = "x"):
-    """A tiny model whose weights make it predict `char` everywhere, confidently: real model code
-    with deterministic output, for end-to-end tests that need a visible, predictable suggestion."""
+def constant_model(chars: str = "x"):
+    """A tiny model whose weights make it predict `chars` everywhere, confidently: real model code
+    with deterministic output, for end-to-end tests that need a visible, predictable suggestion.
+    With several characters each is equally likely: greedy decoding writes the first, sampling a mix."""
     loaded = random_model(dataclasses.replace(QWEN2, tie_embeddings=False), seed=5)
-    model, token = loaded.model, loaded.tokenizer.encode(char, add_special_tokens=False).ids[0]
+    model = loaded.model
+    tokens = [loaded.tokenizer.encode(char, add_special_tokens=False).ids[0] for char in chars]
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 10.0  # residual dimension 0 is a constant ...
         for layer in model.model.layers:  # ... that no layer writes to ...
@@ -36,7 +38,7 @@ def constant_model(char: str = "x"):
         model.model.norm.weight.zero_()  # ... and the only one the output layer reads.
         model.model.norm.weight[0] = 1.0
         model.lm_head.weight.zero_()
-        model.lm_head.weight[token, 0] = 5.0
+        model.lm_head.weight[tokens, 0] = 5.0
     return loaded
 
 
@@ -44,6 +46,14 @@ def constant_model(char: str = "x"):
 def constant_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("constant")
     save_checkpoint(constant_model("x"), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def two_choice_checkpoint(tmp_path_factory):
+    """Predicts "a" or "b", equally: greedy "aaa...", sampled alternatives differ from it."""
+    path = tmp_path_factory.mktemp("two-choice")
+    save_checkpoint(constant_model("ab"), path)
     return path
 
 
@@ -61,3 +71,38 @@ def engine():
     engine = Engine(random_model("tiny", dtype=torch.float64, seed=3))
     yield engine
     engine.close()
+
+
+def chain_model(text: str):
+    """A tiny model that writes `text[1:]` after `text[0]`: each character predicts the character
+    that follows it in `text` (the last one predicts EOS), confidently, while a mask predicts
+    nothing, so the infill is decoded left to right, one step a character. Real model code with a
+    deterministic, multi-word, multi-line suggestion. A character's successor must be unique."""
+    successors = dict(zip(text, text[1:]))
+    if len(successors) != len(text) - 1 or text[-1] in successors:
+        raise ValueError(f"each character of {text!r} must have one successor")
+    loaded = random_model(dataclasses.replace(QWEN2, tie_embeddings=False), seed=5)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    token = {ch: tokenizer.encode(ch, add_special_tokens=False).ids[0] for ch in text}
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()  # a mask, like any character not in `text`, is the zero vector
+        for layer in model.model.layers:  # no layer writes to the residual stream ...
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)  # ... so the output layer reads each position's own token
+        model.lm_head.weight.zero_()
+        for dim, ch in enumerate(text):  # one residual dimension per character
+            model.model.embed_tokens.weight[token[ch], dim] = 1.0
+            model.lm_head.weight[token[successors[ch]] if ch in successors else loaded.special.eos, dim] = 3.0
+    return loaded
+
+
+# After a colon, two words, then an indented second line: for accepting a word or a line.
+CHAIN_TEXT = ":ab cd\n\tef"
+
+
+@pytest.fixture(scope="session")
+def chain_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chain")
+    save_checkpoint(chain_model(CHAIN_TEXT), path)
+    return path
