@@ -198,7 +198,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
         metrics.tokens_per_second.set(produced / max(seconds, 1e-9))
         metrics.requests.labels("200").inc()
         answer = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                  "model": name, "choices": [], "usage": usage(engine, fim, produced)}
+                  "model": name, "choices": [], "usage": await asyncio.to_thread(usage, engine, fim, produced)}
         for index, completion in enumerate(completions):
             text, reason = truncate_at_stop(completion, stop)
             answer["choices"].append({"index": index, "text": text, "finish_reason": reason, "logprobs": None})

@@ -21,6 +21,15 @@ def _add_position_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--character", type=int, required=True, help="0-based UTF-16 column")
 
 
+def _url(value: str) -> str:
+    from .config import Options, update_options
+
+    _, errors = update_options(Options(), {"engineUrl": value})
+    if errors:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an http:// or https:// URL")
+    return value
+
+
 def _load_engine(args, **kwargs):
     from engine.runner import Engine
 
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="TCP address (default: loopback only)")
     serve.add_argument("--port", type=int, default=2087)
     serve.add_argument("--verbose", action="store_true", help="log requests to stderr")
-    serve.add_argument("--engine-url", metavar="URL",
+    serve.add_argument("--engine-url", metavar="URL", type=_url,
                        help="send infills to this FIM endpoint (`lacuna engine`) instead of loading a model; "
                             "an API key is read from LACUNA_API_KEY")
     serve.add_argument("--engine-model", metavar="NAME", help="the `model` to ask the endpoint for")
@@ -312,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     bench.add_argument("--lsp", action="store_true", help="the language server over the protocol instead")
     bench.add_argument("--requests", type=int, default=40, help="--lsp: completion requests to time")
-    bench.add_argument("--engine-url", metavar="URL", help="an engine service: the same infills in-process "
+    bench.add_argument("--engine-url", metavar="URL", type=_url, help="an engine service: the same infills in-process "
                        "(--model) and over HTTP, side by side")
     bench.add_argument("--editors", type=int, help="--engine-url: a load test with this many simulated editors")
     bench.add_argument("--seconds", type=float, default=60, help="--editors: how long")

@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from engine.runner import Engine
 from engine.service import Limits, create_app, require_key_off_loopback
 from lsp.remote import RemoteEngine
 
-from test_server import PY_URI, command, inline, open_doc, start, stop
+from test_server import command, inline, open_doc, start, stop
 
 
 def free_port() -> int:
