@@ -18,6 +18,7 @@ from lsprotocol import types
 from engine.http_bench import load
 from engine.loader import load_checkpoint, random_model
 from engine.runner import Engine
+from engine.sampler import EngineError
 from engine.service import Limits, create_app, require_key_off_loopback
 from lsp.remote import RemoteEngine
 
@@ -222,6 +223,21 @@ async def test_remote_engine_cancel_closes_the_request(slow_service):
         assert slow_service.engine.pending == 0
     finally:
         await remote.close()
+
+
+async def test_remote_engine_sends_the_api_key_from_the_environment(constant_service, monkeypatch):
+    service = Service(constant_service.engine, api_key="s3cret")
+    try:
+        refused = RemoteEngine(service.url)
+        with pytest.raises(EngineError, match="401"):
+            await refused.infill("a = ", "", 2)
+        await refused.close()
+        monkeypatch.setenv("LACUNA_API_KEY", "s3cret")
+        remote = RemoteEngine(service.url, model="hosted-model-name")
+        assert [c.text for c in await remote.infill("a = ", "", 2, n=2)] == ["xx", "xx"]
+        await remote.close()
+    finally:
+        service.stop()
 
 
 async def test_load_of_simulated_editors(constant_service):
