@@ -179,6 +179,11 @@ class Engine:
             raise
 
     @property
+    def max_context(self) -> int:
+        """Positions the model has for prefix, middle and suffix together."""
+        return self.model.config.max_position_embeddings
+
+    @property
     def pending(self) -> int:
         """Requests queued or being denoised."""
         return len(self._requests)

@@ -85,7 +85,10 @@ class Completer:
         span = plan_span(doc, offset, self.options)
         if span is None or self.engine is None:
             return []
-        context = build_context(doc, offset, documents, prefix_tokens=self.engine.max_tokens * 8)
+        # Fit the model's positions: the engine would trim the far ends, where the syntax context is.
+        room = self.engine.max_context - span.tokens - 2  # BOS and EOS
+        context = build_context(doc, offset, documents, prefix_tokens=min(self.engine.max_tokens * 8, room * 5 // 8),
+                                suffix_tokens=min(256, room // 4), context_tokens=min(256, room // 8))
         n = self.options.candidates
         key = (context.prefix, context.suffix, span, n)
         before, after = doc.text[:offset], doc.text[offset:]

@@ -29,11 +29,12 @@ class EngineUnavailable(EngineError):
 
 
 class RemoteEngine:
-    def __init__(self, url: str, *, model: str | None = None, max_tokens: int = 256,
+    def __init__(self, url: str, *, model: str | None = None, max_tokens: int = 256, max_context: int = 4096,
                  on_change: Callable[[bool, str], None] | None = None):
         self.url = url.rstrip("/")
         self.model = model
         self.max_tokens = max_tokens
+        self.max_context = max_context  # unknown for a remote model: the endpoint trims what is over
         self.on_change = on_change
         self.up = True
         self.name = f"{model or 'engine'} at {self.url}"
