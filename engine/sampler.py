@@ -38,6 +38,7 @@ class DecodeOptions:
     seed: int | None = None
     use_cache: bool = True  # dual context cache; False runs a full forward every step
     refresh_every: int = 0  # re-encode the context every k steps (0: never)
+    min_tokens: int = 0  # the infill's first k tokens are never EOS or pad (an editor wants something)
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -54,6 +55,8 @@ class DecodeOptions:
             raise ValueError("temperature must be >= 0 and top_p within (0, 1]")
         if self.refresh_every < 0:
             raise ValueError("refresh_every must be >= 0")
+        if self.min_tokens < 0:
+            raise ValueError("min_tokens must be >= 0")
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Denoiser:
     def __init__(self, layout: Layout, rows: int, options: DecodeOptions, *, stop_ids: tuple[int, int],
                  pad: int, mask: int, device, generator: torch.Generator | None = None):
         self.options, self.stop_ids, self.pad, self.mask = options, stop_ids, pad, mask
+        self.stop = torch.tensor(stop_ids, device=device)  # made here: a CUDA graph cannot copy it in
         self.start, self.end = layout.start, layout.end
         self.x = torch.tensor(layout.tokens, device=device).repeat(rows, 1)
         n = self.end - self.start
@@ -145,6 +149,8 @@ class Denoiser:
 
     def unmask(self, logits: Tensor, columns: Tensor | None, count: int | None) -> None:
         """The body of a step, in place and without host syncs, so a CUDA graph can hold it."""
+        if self.options.min_tokens:
+            logits = self._forbid_early_stop(logits, columns)
         drawn, confidence, score = self._draw(logits)
         masked, middle = self.masked, self.middle
         if columns is not None:
@@ -167,6 +173,12 @@ class Denoiser:
         middle.copy_(torch.where(after_end, self.pad, middle))
         masked &= ~after_end
         self.fresh = keep | after_end
+
+    def _forbid_early_stop(self, logits: Tensor, columns: Tensor | None) -> Tensor:
+        if columns is None:
+            columns = torch.arange(logits.shape[1], device=logits.device)
+        early = (columns < self.options.min_tokens)[None, :, None]
+        return torch.where(early, logits.index_fill(-1, self.stop, -torch.inf), logits)
 
     def _draw(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Token choice, its probability, and the ordering score for every position."""

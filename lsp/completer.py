@@ -126,9 +126,11 @@ class Completer:
         # the same denoising steps: the engine batches both requests).
         ask = dict(prefix=prefix, suffix=suffix, n_tokens=min(tokens, engine.max_tokens),
                    time_budget=self.options.time_budget_ms / 1000)
-        parts = [engine.infill(**ask, n=1, options=DecodeOptions())]
+        # An empty infill is no suggestion: the span rules already decided one is wanted here.
+        parts = [engine.infill(**ask, n=1, options=DecodeOptions(min_tokens=1))]
         if n > 1:
-            parts.append(engine.infill(**ask, n=n - 1, options=DecodeOptions(temperature=ALTERNATIVES_TEMPERATURE)))
+            parts.append(engine.infill(**ask, n=n - 1, options=DecodeOptions(
+                min_tokens=1, temperature=ALTERNATIVES_TEMPERATURE)))
         work = asyncio.gather(*parts)
         self.in_flight[uri] = work
         try:

@@ -107,6 +107,14 @@ def test_eos_ends_the_infill():
     assert tokens == [5] and len(confidences) == 1
 
 
+def test_min_tokens_keeps_the_first_tokens_from_ending_the_infill():
+    den = denoiser(n=3, policy="threshold", threshold=0.9, min_tokens=1)
+    step(den, [(PAD, 0.95), (PAD, 0.95), (PAD, 0.95)])
+    first = den.middle[0, 0].item()
+    assert first not in (EOS, PAD) and den.middle[0, 1:].tolist() == [PAD, PAD]
+    assert den.result_rows()[0][0] == [first]
+
+
 def test_partial_result_stops_at_the_first_mask():
     den = denoiser(n=4, policy="threshold", threshold=0.9)
     step(den, [(5, 0.95), (6, 0.1), (7, 0.95), (3, 0.1)])
@@ -147,7 +155,7 @@ def test_temperature_sampling_is_seeded():
 
 @pytest.mark.parametrize("bad", [dict(policy="greedy"), dict(ordering="random"), dict(steps=0),
                                  dict(threshold=1.5), dict(temperature=-1), dict(top_p=0),
-                                 dict(tokens_per_step=0), dict(refresh_every=-1)])
+                                 dict(tokens_per_step=0), dict(refresh_every=-1), dict(min_tokens=-1)])
 def test_invalid_options(bad):
     with pytest.raises(ValueError):
         DecodeOptions(**bad)
