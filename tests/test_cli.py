@@ -27,10 +27,11 @@ def test_complete_prints_json(checkpoints):
     assert out["steps"] >= 1 and out["latency_ms"] > 0
 
 
-def test_complete_without_a_model_says_it_is_random():
-    run = lacuna("complete", DEMO, "--line", 0, "--character", 0, "--tokens", 4)
+def test_complete_without_a_model_uses_the_bundled_one():
+    run = lacuna("complete", DEMO, "--line", 7, "--character", 11, "--tokens", 8, "--json")
     assert run.returncode == 0, run.stderr
-    assert "random-weight" in run.stderr
+    assert "random-weight" not in run.stderr
+    assert json.loads(run.stdout)["model"] == "bundled"
 
 
 @pytest.mark.parametrize("args, message", [
