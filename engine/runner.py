@@ -38,6 +38,7 @@ class Completion:
     confidences: list[float]
     steps: int
     finish_reason: str  # "stop": the model ended it; "length": all N tokens; "budget": time ran out
+    context_tokens: int = 0  # prefix and suffix tokens the model saw (after trimming), with BOS/EOS
 
 
 def default_device() -> str:
@@ -275,7 +276,8 @@ class Engine:
                 else:
                     reason = "length" if len(ids) == den.end - den.start else "stop"
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
-                completions.append(Completion(text, ids, conf, den.steps, reason))
+                context = den.x.shape[1] - (den.end - den.start)
+                completions.append(Completion(text, ids, conf, den.steps, reason, context))
             request.future.set_result(completions)
         self._forget(request)
 

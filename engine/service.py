@@ -198,7 +198,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
         metrics.tokens_per_second.set(produced / max(seconds, 1e-9))
         metrics.requests.labels("200").inc()
         answer = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                  "model": name, "choices": [], "usage": await asyncio.to_thread(usage, engine, fim, produced)}
+                  "model": name, "choices": [], "usage": usage(completions[0].context_tokens, produced)}
         for index, completion in enumerate(completions):
             text, reason = truncate_at_stop(completion, stop)
             answer["choices"].append({"index": index, "text": text, "finish_reason": reason, "logprobs": None})
@@ -222,8 +222,7 @@ def resident_mb() -> float | None:
     return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
-def usage(engine: Engine, fim: FimRequest, produced: int) -> dict:
-    prompt_tokens = len(engine.encode(fim.prompt)) + len(engine.encode(fim.suffix))
+def usage(prompt_tokens: int, produced: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": produced, "total_tokens": prompt_tokens + produced}
 
 

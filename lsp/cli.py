@@ -22,10 +22,9 @@ def _add_position_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _url(value: str) -> str:
-    from .config import Options, update_options
+    from .config import URL
 
-    _, errors = update_options(Options(), {"engineUrl": value})
-    if errors:
+    if not URL.match(value):
         raise argparse.ArgumentTypeError(f"{value!r} is not an http:// or https:// URL")
     return value
 

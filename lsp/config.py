@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass, field
 
 DEVICES = ("cpu", "cuda", "mps")
+URL = re.compile(r"https?://[^/\s]+")  # engineUrl
 
 
 @dataclass
@@ -51,7 +52,7 @@ def _convert(name: str, value: object) -> object:
         raise ValueError(f"must be between {low} and {high}")
     if name == "device" and value not in (None, *DEVICES):
         raise ValueError(f"must be one of {', '.join(DEVICES)}")
-    if name == "engine_url" and value is not None and not re.match(r"https?://[^/\s]+", value):
+    if name == "engine_url" and value is not None and not URL.match(value):
         raise ValueError("must be an http:// or https:// URL")
     return value
 

@@ -84,6 +84,8 @@ def test_fim_answers_openai_style(constant_service):
     assert all(c["text"] == "xxxx" and c["finish_reason"] == "length" for c in answer["choices"])
     usage = answer["usage"]
     assert usage["completion_tokens"] == 8 and usage["total_tokens"] == usage["prompt_tokens"] + 8
+    engine = constant_service.engine
+    assert usage["prompt_tokens"] >= len(engine.encode("def f():\n    return ")) + len(engine.encode("\n"))
     assert answer["lacuna"]["steps"] >= 1 and 0 < answer["lacuna"]["mean_confidence"] <= 1
 
 
