@@ -364,7 +364,9 @@ def _tree_files(root: Path, skip_dirs: Sequence[str] = ()) -> Iterator[tuple[str
 
 def _stdlib_source() -> _Source:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = _tree_files(root, skip_dirs=("site-packages", "dist-packages"))
+    # Its test suites (Lib/test, lib2to3/tests, ...) are a quarter of it and teach assertEqual, not
+    # everyday code.
+    files = _tree_files(root, skip_dirs=("site-packages", "dist-packages", "test", "tests", "idle_test"))
     return _Source("python-stdlib", platform.python_version(), "stdlib",
                    LicenseInfo("PSF-2.0", True, "Python's LICENSE"), files, origin=str(root))
 

@@ -38,7 +38,9 @@ from .config import Family, ModelConfig
 from .corpus import TrainingError, read_corpus, special_ids
 from .loader import LoadedModel, SpecialIds, save_checkpoint
 from .model import Transformer, rotate_half
-from .sampler import build_layout
+from lsp.config import Options
+from lsp.document import Document
+from lsp.span import plan_span
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,12 @@ BUNDLED_CONFIG = ModelConfig(
     num_kv_heads=4, head_dim=64, max_position_embeddings=1024, rope_theta=10000.0, qkv_bias=True,
     tie_embeddings=True,
 )
-# The interim default trained on 2 CPU cores while no GPU is available: ~7.9M parameters, about
-# 1,800 tokens/s to train there; 512 positions (the engine trims the context to fit).
+# The default trained on 2 CPU cores while no GPU is available: ~6.3M parameters (3.1M of them
+# the embedding). Sized by throughput there: about 2,000 tokens/s to train, so a 100-minute run
+# sees some 10M tokens, about the compute-optimal size's worth; 512 positions (the engine trims
+# the context to fit).
 CPU_CONFIG = ModelConfig(
-    "qwen2", vocab_size=12288, hidden_size=256, intermediate_size=768, num_layers=6, num_heads=4,
+    "qwen2", vocab_size=12288, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
     num_kv_heads=2, head_dim=64, max_position_embeddings=512, rope_theta=10000.0, qkv_bias=True,
     tie_embeddings=True,
 )
@@ -75,11 +79,8 @@ class Batch:
     clean: Tensor  # (B, L) long: the uncorrupted sequences (pad after a row's end)
     maskable: Tensor  # (B, L) bool: positions the noise may mask and the loss scores
     attn: Tensor | None  # (B, L) bool: real tokens; None when every row fills L
+    max_rate: Tensor  # (B,) float: the highest masking rate the noise draws for each row
     kinds: list[str]
-
-    @property
-    def n_maskable(self) -> Tensor:
-        return self.maskable.sum(1)
 
     @property
     def tokens(self) -> int:
@@ -87,25 +88,10 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(self.clean.to(device), self.maskable.to(device),
-                     None if self.attn is None else self.attn.to(device), self.kinds)
+                     None if self.attn is None else self.attn.to(device), self.max_rate.to(device), self.kinds)
 
 
-def infill_example(prefix: list[int], middle: list[int], suffix: list[int], n: int, *, special: SpecialIds,
-                   family: Family, max_len: int) -> tuple[list[int], list[bool]]:
-    """An infilling example laid out as the engine asks: `[BOS] prefix MASK*n suffix [EOS]` (from
-    sampler.build_layout itself), the n masked positions holding the middle and then pad up to n.
-    Returns the clean tokens and which positions are the masked run."""
-    if len(middle) > n:
-        raise ValueError(f"a middle of {len(middle)} tokens does not fit {n} masked positions")
-    layout = build_layout(prefix, suffix, n, mask=special.mask, bos=special.bos, eos=special.eos,
-                          eos_after_suffix=family.eos_after_suffix, shifted=family.logit_shift == 1, max_len=max_len)
-    tokens = list(layout.tokens)
-    tokens[layout.start:layout.end] = middle + [special.pad] * (n - len(middle))
-    maskable = [layout.start <= i < layout.end for i in range(len(tokens))]
-    return tokens, maskable
-
-
-def collate(rows: list[tuple[list[int], list[bool], str]], seq_len: int, pad: int) -> Batch:
+def collate(rows: list[tuple[list[int], list[bool], str]], seq_len: int, pad: int, max_rate: Tensor) -> Batch:
     clean = torch.full((len(rows), seq_len), pad, dtype=torch.long)
     maskable = torch.zeros(len(rows), seq_len, dtype=torch.bool)
     attn = torch.zeros(len(rows), seq_len, dtype=torch.bool)
@@ -115,21 +101,21 @@ def collate(rows: list[tuple[list[int], list[bool], str]], seq_len: int, pad: in
         clean[i, :len(tokens)] = torch.tensor(tokens)
         maskable[i, :len(tokens)] = torch.tensor(can_mask)
         attn[i, :len(tokens)] = True
-    return Batch(clean, maskable, None if bool(attn.all()) else attn, [kind for _, _, kind in rows])
+    return Batch(clean, maskable, None if bool(attn.all()) else attn, max_rate, [kind for _, _, kind in rows])
 
 
 def add_noise(batch: Batch, generator: torch.Generator, mask_id: int, eps: float = 1e-3,
-              t: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+              t: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The forward process: each maskable token of row i is masked with probability
-    p_i = (1 - eps) t_i + eps, t drawn stratified over the batch ((u + i/B) mod 1, as MDLM's
-    low-discrepancy sampler) unless given. Returns (noisy tokens, masked, p)."""
+    eps + (max_rate_i - eps) t_i, t drawn stratified over the batch ((u + i/B) mod 1, as MDLM's
+    low-discrepancy sampler) unless given. Returns (noisy tokens, masked)."""
     b, length = batch.clean.shape
     if t is None:
         u = torch.rand(1, generator=generator)
         t = (u + torch.arange(b) / b) % 1.0
-    p = (1 - eps) * t.float() + eps
+    p = eps + (batch.max_rate.float() - eps) * t.float()
     masked = batch.maskable & (torch.rand(b, length, generator=generator) < p[:, None])
-    return torch.where(masked, mask_id, batch.clean), masked, p
+    return torch.where(masked, mask_id, batch.clean), masked
 
 
 def train_hidden(model: Transformer, tokens: Tensor, attn: Tensor | None = None) -> Tensor:
@@ -159,13 +145,14 @@ def train_hidden(model: Transformer, tokens: Tensor, attn: Tensor | None = None)
     return model.model.norm(x)
 
 
-def diffusion_loss(model: Transformer, noisy: Tensor, batch: Batch, masked: Tensor, p: Tensor,
+def diffusion_loss(model: Transformer, noisy: Tensor, batch: Batch, masked: Tensor,
                    forward: Callable[[Tensor, Tensor | None], Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """The masked-diffusion loss (LLaDA, MDLM): cross-entropy on the masked tokens, weighted by 1/p
-    and normalised per row by its number of maskable tokens (LLaDA divides pretraining sums by the
-    sequence length and SFT sums by the answer length: here both are the maskable count), then
-    averaged over rows: an unbiased estimate of the per-token bound. The family's logit shift is
-    respected: with shift 1 (qwen2) position j-1 predicts token j. Returns (loss, per-token CE)."""
+    """The mean cross-entropy of the masked tokens, respecting the family's logit shift (with
+    shift 1, qwen2, position j-1 predicts token j). Returns (loss, per-token CE).
+
+    Not LLaDA's 1/t-weighted bound: with its weights, a few tokens masked at a low rate outweigh
+    a row of them, the clipped gradient is mostly that noise, and our CPU runs stayed at the
+    unigram level; a plain mean over the masked tokens learned (model card, "Training")."""
     shift = model.config.family.logit_shift
     hidden = (forward or partial(train_hidden, model))(noisy, batch.attn)
     rows, cols = masked.nonzero(as_tuple=True)
@@ -173,8 +160,8 @@ def diffusion_loss(model: Transformer, noisy: Tensor, batch: Batch, masked: Tens
         raise ValueError("a masked token at position 0 has no position before it to predict it from")
     logits = model.logits(hidden[rows, cols - shift])
     ce = F.cross_entropy(logits, batch.clean[rows, cols], reduction="none")
-    weight = 1.0 / (p.to(ce.device)[rows] * batch.n_maskable.to(ce.device)[rows].clamp_min(1))
-    return (ce * weight).sum() / noisy.shape[0], ce.detach()
+    loss = ce.mean() if ce.numel() else hidden.sum() * 0.0  # nothing masked: a zero step
+    return loss, ce.detach()
 
 
 def _is_word(ch: str) -> bool:
@@ -182,59 +169,55 @@ def _is_word(ch: str) -> bool:
 
 
 CLOSERS = ")]}\"'"
+HOLE_SHAPES = ("rest", "line", "block", "empty")
+# The language server's defaults decide every hole's masked length, as they decide its requests'.
+SERVER_OPTIONS = Options()
 
 
 class ExampleSampler:
     """Training rows for step `step`, a pure function of (seed, step), so a resumed run sees the
     batches an uninterrupted one would.
 
-    A share `infill_share` of the rows are infilling examples shaped like the server's requests:
-    - "line" (50%): the rest of one line (from its code start or a cursor within it), sometimes
-      stopping before a closing bracket run, rarely empty; N = 21 masks, the server's single line;
-    - "block" (30%): 1-3 whole lines, or the indented body after a line ending in ':' (from the end
-      of that line, the middle then starting with the newline); N = 64, the server's block;
-    - "span" (20%): a random character span, N = its length plus up to 16.
-    N is sometimes drawn at random instead, and the masked run holds the middle then pad to N.
-    The others are plain masked-diffusion rows: [BOS] then text from a line start, documents
-    joined by EOS, cut at seq_len.
+    A share `holes_share` of the rows are windows of code with up to `max_holes` holes shaped like
+    the language server's requests, each laid out as the engine lays out a request's middle:
+    - "rest": the rest of a line from a cursor within it (sometimes leaving its closing brackets);
+    - "line": a whole line from its indentation, as after pressing Enter;
+    - "block": the body after a line that opens one, from the end of that line or its first
+      line's indentation;
+    - "empty": nothing is missing.
+    Whether the server would ask there, and for how many masked tokens (a single line or a block),
+    is decided by the server's own `plan_span` on the text as the user would see it; the hole is
+    the true middle followed by pad up to that count, so the model learns where an infill ends.
+    Each hole's tokens are masked at a rate t ~ U(0, 1) (the engine starts from all masked and
+    unmasks step by step). The other rows are uniform masked diffusion over plain text, at rates
+    up to `plain_max_rate` (completion never sees a mostly masked file).
     """
 
     def __init__(self, texts: list[str], tokenizer: Tokenizer, special: SpecialIds, family: Family, seq_len: int,
-                 infill_share: float = 0.5, seed: int = 0):
+                 holes_share: float = 0.7, seed: int = 0, max_holes: int = 8, plain_max_rate: float = 0.5):
         if seq_len < 16:
             raise ValueError("seq_len must be at least 16")
         self.texts, self.tokenizer, self.special, self.family = texts, tokenizer, special, family
-        self.seq_len, self.infill_share, self.seed = seq_len, infill_share, seed
+        self.seq_len, self.holes_share, self.seed = seq_len, holes_share, seed
+        self.max_holes, self.plain_max_rate = max_holes, plain_max_rate
         self.cumulative = np.cumsum([len(t) for t in texts])
-        self.max_middle = min(128, seq_len // 2)
-        self._line_starts: dict[int, np.ndarray] = {}
 
     def _doc(self, rng: random.Random) -> int:
         return int(np.searchsorted(self.cumulative, rng.random() * self.cumulative[-1], side="right").clip(
             0, len(self.texts) - 1))
 
-    def _lines(self, doc: int) -> np.ndarray:
-        starts = self._line_starts.get(doc)
-        if starts is None:
-            text = self.texts[doc]
-            starts = np.array([0] + [m.end() for m in re.finditer("\n", text)], dtype=np.int64)
-            if len(self._line_starts) > 20000:
-                self._line_starts.clear()
-            self._line_starts[doc] = starts
-        return starts
-
     def batch(self, step: int, batch_size: int) -> Batch:
         rng = random.Random(f"{self.seed}:{step}")
-        plans = [self._plan_infill(rng) if rng.random() < self.infill_share else self._plan_plain(rng)
+        plans = [self._plan_holes(rng) if rng.random() < self.holes_share else self._plan_plain(rng)
                  for _ in range(batch_size)]
         pieces = [text for plan in plans for text in plan["texts"]]
         encoded = iter(e.ids for e in self.tokenizer.encode_batch(pieces, add_special_tokens=False))
         rows = []
         for plan in plans:
             ids = [next(encoded) for _ in plan["texts"]]
-            rows.append(self._assemble_infill(plan, ids, rng) if plan["kind"] != "plain"
-                        else self._assemble_plain(plan, ids))
-        return collate(rows, self.seq_len, self.special.pad)
+            rows.append(self._assemble_holes(plan, ids) if plan["kind"] == "holes" else self._assemble_plain(plan, ids))
+        max_rate = torch.tensor([1.0 if kind == "holes" else self.plain_max_rate for _, _, kind in rows])
+        return collate(rows, self.seq_len, self.special.pad, max_rate)
 
     # plain rows
 
@@ -242,8 +225,7 @@ class ExampleSampler:
         need = self.seq_len * 5
         doc = self._doc(rng)
         text = self.texts[doc]
-        starts = self._lines(doc)
-        start = int(starts[rng.randrange(len(starts))]) if rng.random() < 0.9 else 0
+        start = _line_start(text, rng.randrange(len(text))) if rng.random() < 0.9 else 0
         texts = [text[start:start + need]]
         ends = [start + need >= len(text)]
         got = len(texts[0])
@@ -266,116 +248,108 @@ class ExampleSampler:
         tokens = tokens[:self.seq_len]
         return tokens, [False] + [True] * (len(tokens) - 1), "plain"
 
-    # infilling rows
+    # rows with holes
 
-    def _plan_infill(self, rng: random.Random) -> dict:
-        for _ in range(8):
-            doc = self._doc(rng)
-            text, starts = self.texts[doc], self._lines(doc)
-            roll = rng.random()
-            kind = "line" if roll < 0.5 else "block" if roll < 0.8 else "span"
-            span = None
-            if kind == "line":
-                span = self._line_span(text, starts, rng)
-            elif kind == "block" and len(starts) > 1:
-                span = self._block_span(text, starts, rng)
-            if span is None:
-                kind, span = "span", self._random_span(text, rng)
-            s, e = span
-            if e - s <= self.max_middle * 6:
+    def _plan_holes(self, rng: random.Random) -> dict:
+        """A window of one document (about 4 characters a token) and its holes: `texts` alternates
+        the text kept and each hole's middle; `masks` is each hole's masked length."""
+        text = self.texts[self._doc(rng)]
+        start = _line_start(text, rng.randrange(len(text)))
+        window = text[start:start + self.seq_len * 4]
+        holes: list[tuple[int, int, int]] = []
+        for _ in range(self.max_holes * 3):
+            if len(holes) == self.max_holes:
                 break
-        # Characters enough for the token budget (about 4 characters a token in code); the suffix
-        # gets at most half of the budget unless the prefix runs short.
-        before, after = self.seq_len * 9 // 2, self.seq_len * 5 // 2
-        return {"kind": kind, "texts": [text[max(0, s - before):s], text[s:e], text[e:e + after]]}
+            hole = _hole(window, rng)
+            if hole is None or any(s < hole[1] and hole[0] < e or hole[0] == s for s, e, _ in holes):
+                continue
+            s, e = hole
+            span = plan_span(Document("file:///train.py", window[:s] + window[e:], "python"), s, SERVER_OPTIONS)
+            if span is not None:
+                holes.append((s, e, span.tokens))
+        holes.sort()
+        texts, at = [], 0
+        for s, e, _ in holes:
+            texts += [window[at:s], window[s:e]]
+            at = e
+        texts.append(window[at:])
+        return {"kind": "holes", "texts": texts, "masks": [n for _, _, n in holes]}
 
-    @staticmethod
-    def _content(text: str, starts: np.ndarray, i: int) -> tuple[int, int]:
-        """(start of code after the indentation, end before the newline) of line i."""
-        start = int(starts[i])
-        end = int(starts[i + 1]) - 1 if i + 1 < len(starts) else len(text)
-        line = text[start:end]
-        return start + len(line) - len(line.lstrip(" \t")), end
+    def _assemble_holes(self, plan: dict, ids: list[list[int]]) -> tuple[list[int], list[bool], str]:
+        """`[BOS] text MASK*n text MASK*n ... [EOS]`: with one hole, the engine's layout exactly.
+        A hole whose middle does not fit its masked length (the server would cut it) becomes text;
+        the window is cut to seq_len, never inside a hole."""
+        tail = [self.special.eos] if self.family.eos_after_suffix else []
+        room = self.seq_len - len(tail)
+        tokens, maskable = [self.special.bos], [False]
+        for i, piece in enumerate(ids):
+            n = plan["masks"][i // 2] if i % 2 else 0
+            if i % 2 and len(piece) <= n:
+                if len(tokens) + n > room:
+                    break
+                tokens += piece + [self.special.pad] * (n - len(piece))
+                maskable += [True] * n
+                continue
+            piece = piece[:room - len(tokens)]
+            tokens += piece
+            maskable += [False] * len(piece)
+        return tokens + tail, maskable + [False] * len(tail), "holes"
 
-    def _code_line(self, text: str, starts: np.ndarray, rng: random.Random, last: int | None = None) -> int | None:
-        last = len(starts) if last is None else last
-        for _ in range(8):
-            i = rng.randrange(last)
-            cs, end = self._content(text, starts, i)
-            if end > cs:
-                return i
+
+def _line_start(text: str, offset: int) -> int:
+    return text.rfind("\n", 0, offset) + 1
+
+
+def _hole(text: str, rng: random.Random) -> tuple[int, int] | None:
+    """A (start, end) cut of one of HOLE_SHAPES at a random line of `text`, or None."""
+    line_start = _line_start(text, rng.randrange(max(1, len(text))))
+    line_end = text.find("\n", line_start)
+    if line_end == -1:
         return None
+    line = text[line_start:line_end]
+    code = line_start + len(line) - len(line.lstrip(" \t"))
+    if code == line_end or line.lstrip().startswith("#"):
+        return None
+    shape = rng.choices(HOLE_SHAPES, weights=(0.45, 0.25, 0.2, 0.1))[0]
+    if shape == "empty":
+        return line_end, line_end
+    if shape == "block":
+        return _block_hole(text, line_start, line_end, rng)
+    if shape == "line":
+        return code, line_end
+    cuts = [p for p in range(code + 1, line_end) if not (_is_word(text[p - 1]) and _is_word(text[p]))]
+    if not cuts:
+        return None
+    s = rng.choice(cuts)
+    run = len(text[s:line_end]) - len(text[s:line_end].rstrip(CLOSERS + ":,"))
+    if 0 < run < line_end - s and rng.random() < 0.3:  # closing brackets typed already (auto-closed)
+        return s, line_end - run
+    return s, line_end
 
-    def _line_span(self, text: str, starts: np.ndarray, rng: random.Random) -> tuple[int, int] | None:
-        i = self._code_line(text, starts, rng)
-        if i is None:
-            return None
-        cs, end = self._content(text, starts, i)
-        s = cs
-        if rng.random() < 0.5:  # a cursor within the line, never inside a word with more to its right
-            cuts = [p for p in range(cs + 1, end) if not (_is_word(text[p - 1]) and _is_word(text[p]))]
-            if cuts:
-                s = rng.choice(cuts)
-        e = end
-        roll = rng.random()
-        if roll < 0.25:  # closing brackets or quotes after the cursor stay in the suffix
-            run = len(text[s:end]) - len(text[s:end].rstrip(CLOSERS + ":,"))
-            if 0 < run < end - s:
-                e = end - run
-        elif roll < 0.3:  # nothing to add
-            e = s
-        return s, e
 
-    def _block_span(self, text: str, starts: np.ndarray, rng: random.Random) -> tuple[int, int] | None:
-        i = self._code_line(text, starts, rng, last=len(starts) - 1)
-        if i is None:
-            return None
-        cs, end = self._content(text, starts, i)
-        indent = cs - int(starts[i])
-        if text[cs:end].rstrip().endswith(":") and rng.random() < 0.6:  # the body of a block
-            last, j = None, i + 1
-            while j < len(starts) and j <= i + 16:
-                jcs, jend = self._content(text, starts, j)
-                if jend > jcs:
-                    if jcs - int(starts[j]) <= indent:
-                        break
-                    last = j
-                j += 1
-            if last is not None:
-                return end, self._content(text, starts, last)[1]
-        k = rng.choice((1, 1, 2, 3))
-        last = min(i + k - 1, len(starts) - 1)
-        e = self._content(text, starts, last)[1]
-        if i > 0 and rng.random() < 0.5:  # from the end of the line before: the middle opens with a newline
-            return self._content(text, starts, i - 1)[1], e
-        return cs, e
-
-    def _random_span(self, text: str, rng: random.Random) -> tuple[int, int]:
-        length = min(int(rng.expovariate(1 / 60)) + 1, 300)
-        s = rng.randrange(max(1, len(text) - length + 1))
-        return s, min(len(text), s + length)
-
-    def _assemble_infill(self, plan: dict, ids: list[list[int]],
-                         rng: random.Random) -> tuple[list[int], list[bool], str]:
-        prefix, middle, suffix = ids
-        kind = plan["kind"]
-        if len(middle) > self.max_middle:  # rare: cut it, and nothing follows (a "length" infill)
-            middle, suffix = middle[:self.max_middle], []
-            n = self.max_middle
-        else:
-            target = {"line": 21, "block": 64}.get(kind) or len(middle) + rng.randint(0, 16)
-            if rng.random() < 0.2:  # other request sizes too
-                target = rng.randint(max(1, len(middle)), max(1, len(middle), 2 * target))
-            # A middle longer than the request would be (a long line) gets a short pad tail.
-            n = target if len(middle) <= target else len(middle) + rng.randint(0, 4)
-            n = min(max(n, 1), self.max_middle)  # still >= len(middle), which is <= max_middle
-        budget = self.seq_len - n - 2
-        keep_suffix = min(len(suffix), max(budget - len(prefix), int(budget * rng.uniform(0.05, 0.5))))
-        keep_prefix = min(len(prefix), budget - keep_suffix)
-        tokens, maskable = infill_example(prefix[len(prefix) - keep_prefix:], middle, suffix[:keep_suffix], n,
-                                          special=self.special, family=self.family, max_len=self.seq_len)
-        return tokens, maskable, kind
-
+def _block_hole(text: str, line_start: int, line_end: int, rng: random.Random) -> tuple[int, int] | None:
+    """The indented body after a line ending in ':' or '{', whole or its first lines."""
+    if not text[line_start:line_end].rstrip().endswith((":", "{")):
+        return None
+    indent = len(text[line_start:line_end]) - len(text[line_start:line_end].lstrip(" \t"))
+    body_end, at = None, line_end + 1
+    while at < len(text):
+        end = text.find("\n", at)
+        end = len(text) if end == -1 else end
+        line = text[at:end]
+        if line.strip():
+            if len(line) - len(line.lstrip(" \t")) <= indent:
+                break
+            body_end = end
+            if rng.random() < 0.15:  # the first lines of a longer body
+                break
+        at = end + 1
+    if body_end is None:
+        return None
+    if rng.random() < 0.5:  # after Enter: from the first body line's indentation
+        first = text[line_end + 1:body_end]
+        return line_end + 1 + len(first) - len(first.lstrip()), body_end
+    return line_end, body_end
 
 # -- the training loop ------------------------------------------------------------------------
 
@@ -397,6 +371,40 @@ def init_weights(model: Transformer, seed: int) -> None:
 
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+HELDOUT_EVERY = 100  # every 100th document stays out of training, for masked_accuracy
+
+
+@torch.no_grad()
+def masked_accuracy(model: Transformer, texts: list[str], tokenizer: Tokenizer, special: SpecialIds, seq_len: int,
+                    rates: tuple[float, ...] = (0.15, 0.5), rows: int = 64) -> dict:
+    """Masked-token accuracy and cross-entropy of plain text masked at each rate: the check that a
+    model reads its context (a unigram model stays near 5% whatever the rate)."""
+    was_training = model.training
+    model.eval()
+    device = model.lm_head.weight.device
+    sampler = ExampleSampler(texts, tokenizer, special, model.config.family, seq_len, holes_share=0.0,
+                             plain_max_rate=1.0)
+    report = {}
+    for rate in rates:
+        right, ce_sum, count = 0, 0.0, 0
+        for chunk in range(0, rows, 8):
+            batch = sampler.batch(chunk, 8)
+            noisy, masked = add_noise(batch, torch.Generator().manual_seed(chunk), special.mask, eps=rate,
+                                      t=torch.zeros(8))
+            batch = batch.to(device)
+            hidden = train_hidden(model, noisy.to(device), batch.attn)
+            r, c = masked.to(device).nonzero(as_tuple=True)
+            logits = model.logits(hidden[r, c - model.config.family.logit_shift])
+            target = batch.clean[r, c]
+            right += int((logits.argmax(-1) == target).sum())
+            ce_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+            count += len(target)
+        report[f"{rate:g}"] = {"accuracy": round(right / max(count, 1), 4), "cross_entropy": round(ce_sum / max(count, 1), 4),
+                               "tokens": count}
+    model.train(was_training)
+    return report
 
 
 def lr_at(progress: float, peak: float, warmup: float, min_ratio: float) -> float:
@@ -533,7 +541,7 @@ def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str
                 config: ModelConfig = BUNDLED_CONFIG, steps: int | None = None, minutes: float | None = None,
                 batch_size: int = 32, seq_len: int = 1024, lr: float = 1e-3, device: str | None = None,
                 resume: bool = True, seed: int = 0, warmup: float = 0.03, min_lr_ratio: float = 0.1,
-                weight_decay: float = 0.1, grad_clip: float = 1.0, infill_share: float = 0.5, eps: float = 1e-3,
+                weight_decay: float = 0.1, grad_clip: float = 1.0, holes_share: float = 0.7, eps: float = 1e-3,
                 save_every_steps: int | None = 1000, save_every_minutes: float | None = 10.0,
                 compile_model: bool = False, prefetch: int | None = None,
                 release_dtype: torch.dtype = torch.float16, log_every: int = 10,
@@ -568,6 +576,9 @@ def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str
                             f"{config.vocab_size}: train the tokenizer with vocab_size<={config.vocab_size} or "
                             f"use a config with vocab_size>={vocab}")
     texts, corpus_stats = read_corpus(corpus_dir)
+    heldout = texts[::HELDOUT_EVERY]  # a corpus too small to spare them is measured on its own text
+    if len(texts) > HELDOUT_EVERY:
+        texts = [t for i, t in enumerate(texts) if i % HELDOUT_EVERY]
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dir, loss_path = out_dir / STATE_DIR, out_dir / "loss.csv"
@@ -594,7 +605,7 @@ def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str
         log.info("resuming from step %d (%s)", step, state_dir)
     _rewrite_loss_log(loss_path, step if resumed_from is not None else -1)
 
-    sampler = ExampleSampler(texts, tokenizer, special, config.family, seq_len, infill_share, seed)
+    sampler = ExampleSampler(texts, tokenizer, special, config.family, seq_len, holes_share, seed)
     forward = partial(train_hidden, model)
     if compile_model:
         compiled = torch.compile(train_hidden)
@@ -636,10 +647,10 @@ def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str
             batch = pending.popleft().result()
             pending.append(workers.submit(sampler.batch, step + len(pending) + 1, batch_size))
             noise = torch.Generator().manual_seed(_seed(seed, step, "noise"))
-            noisy, masked, p = add_noise(batch, noise, special.mask, eps)
+            noisy, masked = add_noise(batch, noise, special.mask, eps)
             batch_dev = batch.to(device_)
             with autocast():
-                loss, ce = diffusion_loss(model, noisy.to(device_), batch_dev, masked.to(device_), p.to(device_),
+                loss, ce = diffusion_loss(model, noisy.to(device_), batch_dev, masked.to(device_),
                                           forward)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -700,6 +711,7 @@ def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str
         "precision": "bf16 autocast" if device_.type == "cuda" else "fp32", "release_dtype": str(written),
         "model_dir": str(out_dir / "model"), "corpus": corpus_stats, "config": config.to_hf(),
         "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+        "heldout_masked": masked_accuracy(model, heldout, tokenizer, special, seq_len),
     }
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
     return stats

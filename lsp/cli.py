@@ -158,7 +158,7 @@ def cmd_train(args) -> int:
     try:
         if args.stage == "corpus":
             result = corpus.build_corpus(args.out, site_packages=args.site_packages,
-                                        packages=[] if args.no_download else None)
+                                        packages=[] if args.no_download and not args.site_packages else None)
         elif args.stage == "tokenizer":
             result = str(corpus.train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size))
         else:

@@ -26,8 +26,7 @@ from engine.corpus import (
     special_ids, train_tokenizer,
 )
 from engine.train import (
-    BUNDLED_CONFIG, TINY_CONFIG, Batch, ExampleSampler, add_noise, diffusion_loss, infill_example, train_hidden,
-    train_model,
+    BUNDLED_CONFIG, TINY_CONFIG, Batch, ExampleSampler, add_noise, collate, diffusion_loss, train_hidden, train_model,
 )
 from engine.model import Transformer
 
@@ -286,58 +285,87 @@ def test_vocab_size_is_checked(corpus, tmp_path):
 # -- examples and the loss ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llada"])
-def test_infill_example_layout(corpus, model_type):
+def test_a_row_with_one_hole_is_the_engine_layout(corpus, model_type):
     tokenizer = Tokenizer.from_file(str(corpus[1]))
     special, family = special_ids(tokenizer), FAMILIES[model_type]
+    sampler = ExampleSampler(["x = 1\n"], tokenizer, special, family, 64)
     prefix, middle, suffix = [10, 11, 12], [20, 21], [30, 31]
-    tokens, maskable = infill_example(prefix, middle, suffix, 5, special=special, family=family, max_len=64)
+    tokens, maskable, _ = sampler._assemble_holes({"masks": [5]}, [prefix, middle, suffix])
     pad, eos = special.pad, special.eos
     expected = [special.bos, 10, 11, 12, 20, 21, pad, pad, pad, 30, 31] + ([eos] if model_type == "qwen2" else [])
     assert tokens == expected
     assert [i for i, m in enumerate(maskable) if m] == [4, 5, 6, 7, 8]
     # Fully noised (t = 1), the row is exactly what the engine feeds for this request.
-    batch = Batch(torch.tensor([tokens]), torch.tensor([maskable]), None, ["line"])
-    noisy, masked, p = add_noise(batch, torch.Generator().manual_seed(0), special.mask, t=torch.ones(1))
+    batch = collate([(tokens, maskable, "holes")], len(tokens), pad, torch.ones(1))
+    noisy, masked = add_noise(batch, torch.Generator().manual_seed(0), special.mask, t=torch.ones(1))
     layout = build_layout(prefix, suffix, 5, mask=special.mask, bos=special.bos, eos=eos,
                           eos_after_suffix=family.eos_after_suffix, shifted=family.logit_shift == 1, max_len=64)
     assert noisy[0].tolist() == layout.tokens and (layout.start, layout.end) == (4, 9)
-    assert float(p) == 1.0 and masked.sum() == 5
-    with pytest.raises(ValueError):
-        infill_example(prefix, [1] * 6, suffix, 5, special=special, family=family, max_len=64)
+    assert masked.sum() == 5
+    # A middle longer than its masked length stays text: the server could not have asked for it.
+    tokens, maskable, _ = sampler._assemble_holes({"masks": [1]}, [prefix, middle, suffix])
+    assert tokens[1:8] == prefix + middle + suffix and not any(maskable)
 
 
-def test_sampled_rows_have_the_engine_layout(corpus):
+def test_holes_are_where_and_as_long_as_the_server_asks(corpus):
     corpus_dir, path = corpus
     tokenizer = Tokenizer.from_file(str(path))
     special = special_ids(tokenizer)
     texts, _ = read_corpus(corpus_dir)
-    sampler = ExampleSampler(texts, tokenizer, special, TINY_CONFIG.family, 96, infill_share=1.0, seed=3)
-    kinds, tails = set(), 0
+    sampler = ExampleSampler(texts, tokenizer, special, TINY_CONFIG.family, 256, holes_share=1.0, seed=3)
+    lengths, tails, holes = set(), 0, 0
     for step in range(6):
         batch = sampler.batch(step, 16)
         assert torch.equal(batch.clean, sampler.batch(step, 16).clean)  # a pure function of the step
+        assert batch.max_rate.tolist() == [1.0] * 16
         attn = batch.attn if batch.attn is not None else torch.ones_like(batch.maskable)
-        for row, can_mask, real, kind in zip(batch.clean.tolist(), batch.maskable.tolist(), attn.tolist(), batch.kinds):
-            kinds.add(kind)
+        for row, can_mask, real in zip(batch.clean.tolist(), batch.maskable.tolist(), attn.tolist()):
             n = sum(real)
             assert real == [True] * n + [False] * (len(real) - n)  # padding only after the row's end
             assert row[0] == special.bos and row[n - 1] == special.eos  # qwen2 closes the suffix with EOS
             assert special.mask not in row
-            run = [i for i, m in enumerate(can_mask) if m]
-            assert run == list(range(run[0], run[-1] + 1)) and 1 <= len(run) <= sampler.max_middle
-            middle = [row[i] for i in run]
-            if special.pad in middle:  # the pad tail: once it starts, it runs to the end of the masks
-                assert set(middle[middle.index(special.pad):]) == {special.pad}
-                tails += 1
-    assert kinds == {"line", "block", "span"} and tails > 20
-    plain = ExampleSampler(texts, tokenizer, special, TINY_CONFIG.family, 96, infill_share=0.0).batch(0, 4)
+            runs, start = [], None
+            for i, m in enumerate(can_mask + [False]):
+                if m and start is None:
+                    start = i
+                elif not m and start is not None:
+                    runs.append((start, i))
+                    start = None
+            for s, e in runs:  # adjacent holes merge here; every run is whole holes of 21 or 64
+                holes += 1
+                lengths.add(e - s)
+                middle = row[s:e]
+                if special.pad in middle:  # the pad tail: once it starts, it runs to the hole's end
+                    tails += 1
+    assert {21, 64} <= lengths and holes > 100 and tails > 50
+    plain = ExampleSampler(texts, tokenizer, special, TINY_CONFIG.family, 96, holes_share=0.0).batch(0, 4)
     assert plain.attn is None and (plain.clean[:, 0] == special.bos).all()
     assert plain.maskable[:, 0].logical_not().all() and plain.maskable[:, 1:].all()
+    assert plain.max_rate.tolist() == [0.5] * 4
 
 
-def test_loss_is_masked_cross_entropy_weighted_by_one_over_p():
+def test_holes_follow_the_server_span_rules():
+    """A hole is never cut inside a string or comment, nor inside a word with more of it to the
+    right; a block hole follows a line that opens one."""
+    import random
+
+    from engine.train import _hole
+    text = stdlib_text("textwrap")
+    rng = random.Random(0)
+    for _ in range(2000):
+        hole = _hole(text, rng)
+        if hole is None:
+            continue
+        s, e = hole
+        assert not (s < e and s > 0 and text[s - 1].isalnum() and text[s].isalnum() and text[s - 1:e].strip())
+        if "\n" in text[s:e].strip("\n"):
+            opener = text[:s].rstrip().splitlines()[-1]
+            assert opener.rstrip().endswith((":", "{")), (opener, text[s:e])
+
+
+def test_loss_is_the_mean_cross_entropy_of_masked_tokens():
     """A hand-built batch scored by the training forward equals the engine's own forward, with
-    shifted logits, each masked token's CE divided by p and by its row's maskable count."""
+    shifted logits: the mean cross-entropy over every masked token of the batch."""
     torch.manual_seed(0)
     model = Transformer(TINY_CONFIG).eval()
     mask = 2
@@ -345,26 +373,23 @@ def test_loss_is_masked_cross_entropy_weighted_by_one_over_p():
                           [1, 50, 51, 52, 53, 54, 0, 0, 0, 0]])
     maskable = torch.zeros_like(clean, dtype=torch.bool)
     maskable[0, 1:] = True  # a plain row: every token but BOS
-    maskable[1, 2:5] = True  # an infill row: a run of three, then padding the model must not see
+    maskable[1, 2:5] = True  # a row with a hole of three, then padding the model must not see
     attn = torch.tensor([[True] * 10, [True] * 7 + [False] * 3])
-    batch = Batch(clean, maskable, attn, ["plain", "line"])
+    batch = Batch(clean, maskable, attn, torch.tensor([0.5, 1.0]), ["plain", "holes"])
     masked = torch.zeros_like(maskable)
     masked[0, [2, 5, 9]] = True
     masked[1, [3, 4]] = True
     noisy = torch.where(masked, mask, clean)
-    p = torch.tensor([0.25, 0.5])
     with torch.no_grad():
-        loss, ce = diffusion_loss(model, noisy, batch, masked, p)
-        expected = 0.0
-        for row, length, n in ((0, 10, 9), (1, 7, 3)):
+        loss, ce = diffusion_loss(model, noisy, batch, masked)
+        expected = []
+        for row, length in ((0, 10), (1, 7)):
             tokens = noisy[row:row + 1, :length]
             hidden = model(tokens, torch.arange(length)[None], model.new_cache(1, length))
             logits = model.logits(hidden)[0]
             cols = masked[row].nonzero()[:, 0]
-            token_ce = torch.nn.functional.cross_entropy(logits[cols - 1], clean[row, cols], reduction="sum")
-            expected += token_ce / (p[row] * n)
-        expected /= 2
-        assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-6)
+            expected.append(torch.nn.functional.cross_entropy(logits[cols - 1], clean[row, cols], reduction="none"))
+        assert torch.allclose(loss, torch.cat(expected).mean(), rtol=1e-5, atol=1e-6)
         assert ce.numel() == 5
         # The training forward equals the engine's cached forward on unpadded rows.
         hidden = train_hidden(model, noisy, attn)
