@@ -599,18 +599,21 @@ def _ingest(rel: str, read: Callable[[], bytes], prompts, exact: set, near: Near
 
 
 def read_corpus(corpus_dir: str | Path) -> tuple[list[str], dict]:
-    """The texts of a corpus directory's shards, and counts of what could not be read."""
+    """The texts of a corpus directory's shards (`corpus-*.jsonl`, or gzipped as pack_shards
+    writes them), and counts of what could not be read: a truncated or corrupt shard is skipped
+    whole, a bad line alone."""
     corpus_dir = Path(corpus_dir)
     if not corpus_dir.is_dir():
         raise CorpusError(f"corpus directory {corpus_dir} does not exist")
-    shards = sorted(corpus_dir.glob("corpus-*.jsonl"))
+    shards = sorted(corpus_dir.glob("corpus-*.jsonl")) + sorted(corpus_dir.glob("corpus-*.jsonl.gz"))
     if not shards:
         raise CorpusError(f"{corpus_dir} has no corpus-*.jsonl shards (build it with build_corpus)")
     texts, bad = [], Counter()
     for shard in shards:
         try:
-            raw = shard.read_bytes()
-        except OSError:
+            raw = gzip.decompress(shard.read_bytes()) if shard.suffix == ".gz" else shard.read_bytes()
+        except (OSError, EOFError, zlib.error) as err:
+            log.warning("corpus shard %s skipped: %s", shard, err)
             bad["unreadable_shards"] += 1
             continue
         for line in raw.split(b"\n"):
@@ -630,6 +633,34 @@ def read_corpus(corpus_dir: str | Path) -> tuple[list[str], dict]:
     if bad:
         log.warning("corpus %s: skipped %s", corpus_dir, dict(bad))
     return texts, {"documents": len(texts), "chars": sum(map(len, texts)), **bad}
+
+
+def pack_shards(corpus_dir: str | Path, out_dir: str | Path, max_bytes: int, seed: int = 0) -> dict:
+    """A sample of a corpus that travels (to the GPU machine, with the repository): its documents
+    in a seeded random order, as gzipped shards of at most `max_bytes` in all, with its
+    sources.json. Returns counts."""
+    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    lines = [line for shard in sorted(corpus_dir.glob("corpus-*.jsonl"))
+             for line in shard.read_bytes().split(b"\n") if line.strip()]
+    np.random.default_rng(seed).shuffle(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("corpus-*.jsonl.gz"):
+        old.unlink()
+    kept, raw_bytes, written, index = 0, 0, 0, 0
+    chunk: list[bytes] = []
+    for line in lines + [None]:
+        if line is not None:
+            chunk.append(line)
+        if len(chunk) == 2000 or (line is None and chunk):
+            data = gzip.compress(b"\n".join(chunk) + b"\n", compresslevel=9)
+            if written + len(data) > max_bytes:
+                break
+            (out_dir / f"corpus-{index:05d}.jsonl.gz").write_bytes(data)
+            kept, raw_bytes, written, index = kept + len(chunk), raw_bytes + sum(map(len, chunk)), written + len(data), index + 1
+            chunk = []
+    if (corpus_dir / "sources.json").exists():
+        (out_dir / "sources.json").write_bytes((corpus_dir / "sources.json").read_bytes())
+    return {"documents": kept, "of": len(lines), "json_bytes": raw_bytes, "gzip_bytes": written}
 
 
 # ==========================================================================================

@@ -20,11 +20,12 @@ import random
 import re
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -537,17 +538,32 @@ def release(model: Transformer, tokenizer: Tokenizer, special: SpecialIds, direc
     return dtype
 
 
-def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str | Path, *,
+_process_sampler: "ExampleSampler | None" = None  # a batch-building process's own (forked) sampler
+
+
+def _start_batch_process(sampler: ExampleSampler) -> None:
+    global _process_sampler
+    torch.set_num_threads(1)
+    _process_sampler = sampler
+
+
+def _process_batch(step: int, batch_size: int) -> Batch:
+    return _process_sampler.batch(step, batch_size)
+
+
+def train_model(corpus_dir: str | Path | Sequence[str | Path], tokenizer_path: str | Path, out_dir: str | Path, *,
                 config: ModelConfig = BUNDLED_CONFIG, steps: int | None = None, minutes: float | None = None,
                 batch_size: int = 32, seq_len: int = 1024, lr: float = 1e-3, device: str | None = None,
                 resume: bool = True, seed: int = 0, warmup: float = 0.03, min_lr_ratio: float = 0.1,
                 weight_decay: float = 0.1, grad_clip: float = 1.0, holes_share: float = 0.7, eps: float = 1e-3,
                 save_every_steps: int | None = 1000, save_every_minutes: float | None = 10.0,
-                compile_model: bool = False, prefetch: int | None = None,
+                compile_model: bool = False, prefetch: int | None = None, batch_processes: int | None = None,
                 release_dtype: torch.dtype = torch.float16, log_every: int = 10,
-                on_step: Callable[[dict], None] | None = None) -> dict:
-    """Train a masked-diffusion infill model; write `out_dir/model/` (the release checkpoint with
-    the tokenizer), `out_dir/loss.csv`, `out_dir/stats.json`, and `out_dir/train-state/`.
+                on_step: Callable[[dict], None] | None = None, on_release: Callable[[Path], None] | None = None,
+                state_dir: str | Path | None = None) -> dict:
+    """Train a masked-diffusion infill model on one or more corpus directories; write
+    `out_dir/model/` (the release checkpoint with the tokenizer, rewritten at every save, so a run
+    cut short still has one), `out_dir/loss.csv`, `out_dir/stats.json`, and `out_dir/train-state/`.
 
     Runs until `steps` optimizer steps or `minutes` of training (counted over resumed runs too),
     whichever comes first; the LR schedule (warmup then cosine) follows steps when given, else the
@@ -555,8 +571,11 @@ def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str
     an interrupted run resumed from train-state/ continues as if uninterrupted. State is saved
     every `save_every_steps` steps or `save_every_minutes`, on Ctrl-C, and at the end. bf16
     autocast on CUDA, fp32 elsewhere; `compile_model` runs the forward through torch.compile;
-    `prefetch` batches (default 4 on CUDA, 2 elsewhere) are built ahead in threads. `on_step`
-    gets each row of loss.csv as it is written (it may raise to stop the run).
+    `prefetch` batches (default 4 on CUDA, 2 elsewhere) are built ahead, in threads or in
+    `batch_processes` forked processes (default on CUDA: enough to keep a GPU fed). `on_step`
+    gets each row of loss.csv as it is written (it may raise to stop the run); `on_release` gets
+    the release directory each time it is written. `state_dir` (default `out_dir/train-state`)
+    can live elsewhere, away from an output folder that must stay small.
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes")
@@ -575,13 +594,17 @@ def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str
         raise TrainingError(f"the tokenizer {tokenizer_path} has {vocab} tokens but the model's vocab_size is "
                             f"{config.vocab_size}: train the tokenizer with vocab_size<={config.vocab_size} or "
                             f"use a config with vocab_size>={vocab}")
-    texts, corpus_stats = read_corpus(corpus_dir)
+    texts, corpus_stats = [], {}
+    for directory in [corpus_dir] if isinstance(corpus_dir, (str, Path)) else corpus_dir:
+        more, stats = read_corpus(directory)
+        texts += more
+        corpus_stats = {k: corpus_stats.get(k, 0) + v for k, v in stats.items()}
     heldout = texts[::HELDOUT_EVERY]  # a corpus too small to spare them is measured on its own text
     if len(texts) > HELDOUT_EVERY:
         texts = [t for i, t in enumerate(texts) if i % HELDOUT_EVERY]
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    state_dir, loss_path = out_dir / STATE_DIR, out_dir / "loss.csv"
+    state_dir, loss_path = Path(state_dir) if state_dir else out_dir / STATE_DIR, out_dir / "loss.csv"
 
     model = Transformer(config)
     init_weights(model, seed)
@@ -632,11 +655,19 @@ def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str
     last_save_step, last_save_time = step, time.perf_counter()
     log_file = open(loss_path, "a", newline="")
     writer = csv.DictWriter(log_file, LOSS_FIELDS)
-    # Batches are built ahead in threads (the tokenizer releases the GIL while it encodes).
-    ahead = max(1, prefetch if prefetch is not None else 4 if device_.type == "cuda" else 2)
-    workers = ThreadPoolExecutor(ahead)
+    # Batches are built ahead. Threads suffice for a CPU run (the tokenizer releases the GIL); a
+    # GPU steps faster than one Python thread parses holes, so there forked processes build them.
+    if batch_processes is None:
+        batch_processes = min(8, (os.cpu_count() or 1) - 1) if device_.type == "cuda" else 0
+    ahead = max(1, prefetch if prefetch is not None else 4 if device_.type == "cuda" else 2, batch_processes)
+    if batch_processes > 0:
+        workers = ProcessPoolExecutor(batch_processes, mp_context=multiprocessing.get_context("fork"),
+                                      initializer=_start_batch_process, initargs=(sampler,))
+        build = _process_batch
+    else:
+        workers, build = ThreadPoolExecutor(ahead), sampler.batch
     updating = False
-    pending = deque(workers.submit(sampler.batch, s, batch_size) for s in range(step, step + ahead))
+    pending = deque(workers.submit(build, s, batch_size) for s in range(step, step + ahead))
     try:
         while not finished():
             started = time.perf_counter()
@@ -645,7 +676,7 @@ def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str
             for group in optimizer.param_groups:
                 group["lr"] = current_lr
             batch = pending.popleft().result()
-            pending.append(workers.submit(sampler.batch, step + len(pending) + 1, batch_size))
+            pending.append(workers.submit(build, step + len(pending) + 1, batch_size))
             noise = torch.Generator().manual_seed(_seed(seed, step, "noise"))
             noisy, masked = add_noise(batch, noise, special.mask, eps)
             batch_dev = batch.to(device_)
@@ -674,6 +705,9 @@ def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str
             elapsed += now - started
             if due:
                 save_train_state(state_dir, model, optimizer, meta_now())
+                release(model, tokenizer, special, out_dir / "model", release_dtype)
+                if on_release is not None:
+                    on_release(out_dir / "model")
                 last_save_step, last_save_time = step, time.perf_counter()
                 elapsed += last_save_time - now
             row["seconds"] = round(elapsed, 2)
@@ -700,6 +734,8 @@ def train_model(corpus_dir: str | Path, tokenizer_path: str | Path, out_dir: str
         save_train_state(state_dir, model, optimizer, meta_now())
     model.eval()
     written = release(model, tokenizer, special, out_dir / "model", release_dtype)
+    if on_release is not None:
+        on_release(out_dir / "model")
     tail = losses[-50:]
     stats = {
         "parameters": parameters, "steps": step, "tokens_seen": tokens_seen,

@@ -159,6 +159,15 @@ def cmd_train(args) -> int:
         if args.stage == "corpus":
             result = corpus.build_corpus(args.out, site_packages=args.site_packages,
                                         packages=[] if args.no_download and not args.site_packages else None)
+        elif args.stage == "pack":
+            result = corpus.pack_shards(args.corpus, args.out, int(args.max_mb * 2**20))
+        elif args.stage == "gpu-job":
+            from engine import gpu_job
+
+            result = gpu_job.run(args.out, args.corpus, config=args.config, minutes=args.minutes,
+                                 eval_tasks=args.eval_tasks, site_packages=args.site_packages, device=args.device,
+                                 batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                                 **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
         elif args.stage == "tokenizer":
             result = str(corpus.train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size))
         else:
@@ -298,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("tokenizer", help="tokenizer.json")
     model.add_argument("out")
     model.add_argument("--config", choices=["bundled", "cpu", "tiny"], default="bundled",
-                       help="bundled: 29.9M parameters, for a GPU; cpu: 7.9M, the interim model a CPU can train")
+                       help="bundled: 29.9M parameters, for a GPU; cpu: 6.3M, what 2 CPU cores can train")
     model.add_argument("--steps", type=int)
     model.add_argument("--minutes", type=float)
     model.add_argument("--batch-size", type=int, default=32)
@@ -307,6 +316,24 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--device", choices=["cpu", "cuda", "mps"])
     model.add_argument("--compile", action="store_true", help="torch.compile the model")
     model.set_defaults(func=cmd_train)
+    pack = stages.add_parser("pack", help="a gzipped sample of a corpus to carry to the GPU machine")
+    pack.add_argument("corpus")
+    pack.add_argument("out")
+    pack.add_argument("--max-mb", type=float, default=36.0, help="compressed size of the sample")
+    pack.set_defaults(func=cmd_train)
+    job = stages.add_parser("gpu-job", help="corpus, training, evaluation and release on one GPU in one command")
+    job.add_argument("out", help="output folder: the release's weights and config, and report.json")
+    job.add_argument("--corpus", action="append", required=True, help="a corpus directory (repeatable)")
+    job.add_argument("--site-packages", action="store_true", help="also installed distributions not in the corpus")
+    job.add_argument("--config", choices=["bundled", "cpu", "tiny"], default="bundled")
+    job.add_argument("--tokenizer", help="tokenizer.json (default: the bundled model's)")
+    job.add_argument("--minutes", type=float, default=6.0, help="training time")
+    job.add_argument("--eval-tasks", type=int, default=300, help="HumanEval-Infilling single-line tasks")
+    job.add_argument("--batch-size", type=int, default=32)
+    job.add_argument("--seq-len", type=int, default=1024)
+    job.add_argument("--lr", type=float, default=1e-3)
+    job.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    job.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="HumanEval-Infilling through the language server's completion path")
     evaluate.add_argument("suite", choices=["humaneval-infill"])

