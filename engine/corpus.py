@@ -571,9 +571,41 @@ def build_corpus(out_dir: str | Path, *, packages: Sequence[str] | None = None, 
     )
     (out_dir / "sources.json").write_text(json.dumps(records, indent=1))
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
+    (out_dir / "README.md").write_text(corpus_card(records, stats))
     if not stats["files_kept"]:
         raise CorpusError(f"no file was kept for the corpus in {out_dir} (dropped: {dict(dropped)})")
     return stats
+
+
+def corpus_card(records: list[dict], stats: dict) -> str:
+    """The corpus card: what was kept, by licence and by source, and what was dropped and why."""
+    used = [r for r in records if r["files_kept"]]
+    by_license = Counter()
+    files_by_license = Counter()
+    for r in used:
+        by_license[r["license"]] += r["bytes_kept"]
+        files_by_license[r["license"]] += r["files_kept"]
+    lines = [
+        "# Corpus card", "",
+        f"{stats['files_kept']:,} files, {stats['bytes_kept'] / 1e6:.1f} MB of Python from {len(used)} sources, "
+        f"each under a permissive licence (recorded per source in sources.json). Dropped: {stats['files_dropped']:,} "
+        "files (" + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in stats["dropped"].items()) + "). "
+        f"Near duplicates: {stats['near_duplicates']}. Files defining a HumanEval prompt's function are dropped.", "",
+        "## By licence", "", "| licence | sources | files | MB |", "| --- | --- | --- | --- |",
+    ]
+    for license_, size in by_license.most_common():
+        count = sum(1 for r in used if r["license"] == license_)
+        lines.append(f"| {license_} | {count} | {files_by_license[license_]:,} | {size / 1e6:.1f} |")
+    lines += ["", "## By source", "", "| source | version | kind | licence | files | MB |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(used, key=lambda r: -r["bytes_kept"]):
+        lines.append(f"| {r['name']} | {r['version']} | {r['kind']} | {r['license']} | {r['files_kept']:,} | "
+                     f"{r['bytes_kept'] / 1e6:.2f} |")
+    skipped = [r for r in records if not r["files_kept"]]
+    if skipped:
+        lines += ["", f"Also seen and not used ({len(skipped)}): " + ", ".join(
+            f"{r['name']} ({r['status']})" for r in sorted(skipped, key=lambda r: r["name"].lower())) + "."]
+    return "\n".join(lines) + "\n"
 
 
 def _ingest(rel: str, read: Callable[[], bytes], prompts, exact: set, near: NearDuplicates,

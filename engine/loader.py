@@ -86,6 +86,20 @@ def _special_ids(tokenizer: Tokenizer, config: dict, generation: dict, tok_confi
     return SpecialIds(mask=mask, eos=eos, pad=eos if pad is None else pad, bos=find("bos"))
 
 
+def _check_ids_fit(tokenizer: Tokenizer, special: SpecialIds, rows: int) -> None:
+    """A tokenizer or special id beyond the embedding would fail every request ("index out of
+    range"): refuse the checkpoint at load instead."""
+    for name in ("mask", "eos", "pad", "bos"):
+        value = getattr(special, name)
+        if value is not None and not 0 <= value < rows:
+            raise CheckpointError(f"the {name} token id {value} lies outside the model's {rows} embedding rows "
+                                  "(vocab_size in config.json)")
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if largest >= rows:
+        raise CheckpointError(f"tokenizer.json has token ids up to {largest}, beyond the model's {rows} embedding "
+                              "rows (vocab_size in config.json): the tokenizer does not belong to this model")
+
+
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     index_path = directory / "model.safetensors.index.json"
     if (directory / "model.safetensors").exists():
@@ -128,6 +142,7 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", dtype: torch.dty
         _read_json(directory / "generation_config.json", required=False),
         _read_json(directory / "tokenizer_config.json", required=False),
     )
+    _check_ids_fit(tokenizer, special, config.vocab_size)
     weights = _read_weights(directory)
     with torch.device("meta"):
         model = Transformer(config)

@@ -3,6 +3,8 @@
 import json
 import shutil
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -93,6 +95,10 @@ BREAKAGES = {
     "no mask token": (lambda d: (edit_json(d / "config.json", mask_token_id=None),
                                  edit_json(d / "generation_config.json", mask_token_id=None),
                                  edit_json(d / "tokenizer_config.json", mask_token=None)), "mask"),
+    "mask id beyond the embedding": (lambda d: edit_json(d / "config.json", mask_token_id=10**6),
+                                     "mask token id 1000000 lies outside"),
+    "a tokenizer bigger than the embedding": (lambda d: (d / "tokenizer.json").write_text(
+        (Path(__file__).parent.parent / "engine" / "bundled" / "tokenizer.json").read_text()), "does not belong"),
 }
 
 

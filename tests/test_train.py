@@ -26,7 +26,8 @@ from engine.corpus import (
     special_ids, train_tokenizer,
 )
 from engine.train import (
-    BUNDLED_CONFIG, TINY_CONFIG, Batch, ExampleSampler, add_noise, collate, diffusion_loss, train_hidden, train_model,
+    BUNDLED_CONFIG, TINY_CONFIG, Batch, ExampleSampler, add_noise, collate, diffusion_loss, masked_accuracy, train_hidden,
+    train_model,
 )
 from engine.model import Transformer
 
@@ -567,3 +568,19 @@ def test_gpu_job_cut_by_its_time_limit_leaves_its_last_release(corpus, tmp_path)
         job.send_signal(signal.SIGKILL)
         job.wait()
     assert load_checkpoint(out).model.config == TINY_CONFIG  # whole, never half-written
+
+
+def test_the_tiny_config_learns_a_small_corpus_within_a_minute(corpus, tmp_path):
+    """The guard against a trainer that does not learn: on a small fixed corpus the tiny model must
+    get far past the unigram level (the old 1/t-weighted loss sat there) and read its context:
+    masked tokens of its training text come back right far more often than the commonest token."""
+    corpus_dir, tokenizer_path = corpus
+    stats = tiny_run(corpus, tmp_path, 300, batch_size=16, seq_len=128, lr=1e-2, save_every_steps=None)
+    texts, _ = read_corpus(corpus_dir)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    model = load_checkpoint(tmp_path / "model").model
+    measured = masked_accuracy(model, texts, tokenizer, special_ids(tokenizer), 128, rates=(0.15,))["0.15"]
+    ids = [i for t in texts for i in tokenizer.encode(t, add_special_tokens=False).ids]
+    unigram = max(ids.count(i) for i in set(ids)) / len(ids)
+    assert measured["accuracy"] > 0.3 and measured["accuracy"] > 3 * unigram, (measured, unigram)
+    assert stats["heldout_masked"]["0.15"]["tokens"] > 0
