@@ -258,6 +258,7 @@ class ExampleSampler:
         start = _line_start(text, rng.randrange(len(text)))
         window = text[start:start + self.seq_len * 4]
         holes: list[tuple[int, int, int]] = []
+        view = Document("file:///train.py", window, "python")  # one parse; each hole is two quick edits
         for _ in range(self.max_holes * 3):
             if len(holes) == self.max_holes:
                 break
@@ -265,7 +266,9 @@ class ExampleSampler:
             if hole is None or any(s < hole[1] and hole[0] < e or hole[0] == s for s, e, _ in holes):
                 continue
             s, e = hole
-            span = plan_span(Document("file:///train.py", window[:s] + window[e:], "python"), s, SERVER_OPTIONS)
+            view.edit(s, e, "")  # the text as the user sees it, without the hole
+            span = plan_span(view, s, SERVER_OPTIONS)
+            view.edit(s, s, window[s:e])
             if span is not None:
                 holes.append((s, e, span.tokens))
         holes.sort()

@@ -1,5 +1,6 @@
 """Everyday holes of our own making (not HumanEval): a small file, the cursor at "█", and what a
-sensible single-line suggestion there looks like (a regex the suggestion must match whole)."""
+sensible single-line suggestion there looks like (a regex the suggestion must match whole; where
+the cursor stands before an auto-closed bracket, the suggestion may run over it)."""
 
 HOLES = [
     ("return after a computation", "def mean(xs):\n    total = sum(xs)\n    return █\n",
@@ -20,9 +21,9 @@ HOLES = [
      r"read\(\)|readlines\(\)|read\(\)\.splitlines\(\)"),
     ("a condition on a length", "def first(items):\n    if len(items) == █\n        return None\n"
      "    return items[0]\n", r"0:"),
-    ("a dictionary lookup", "def get_name(user):\n    return user[█]\n", r"""["']name["']"""),
+    ("a dictionary lookup", "def get_name(user):\n    return user[█]\n", r"""["']name["']\]?"""),
     ("a range loop", "def squares(n):\n    out = []\n    for i in range(█):\n        out.append(i * i)\n"
-     "    return out\n", r"n"),
+     "    return out\n", r"n(\):)?"),
 ]
 
 
