@@ -55,13 +55,13 @@ BUNDLED_CONFIG = ModelConfig(
     num_kv_heads=4, head_dim=64, max_position_embeddings=1024, rope_theta=10000.0, qkv_bias=True,
     tie_embeddings=True,
 )
-# The default trained on 2 CPU cores while no GPU is available: ~6.3M parameters (3.1M of them
-# the embedding). Sized by throughput there: about 2,000 tokens/s to train, so a 100-minute run
-# sees some 10M tokens, about the compute-optimal size's worth; 512 positions (the engine trims
-# the context to fit).
+# The default trained on 2 CPU cores while no GPU is available: ~6.2M parameters (3.1M of them
+# the embedding), about 2,000 tokens/s to train there. 256 positions: the server fits its context
+# to them (about 1,000 characters around the cursor), and rows of 256 tokens let a weak model find
+# its neighbours sooner than rows of 512 (the first CPU runs at 512 stayed at the unigram level).
 CPU_CONFIG = ModelConfig(
     "qwen2", vocab_size=12288, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
-    num_kv_heads=2, head_dim=64, max_position_embeddings=512, rope_theta=10000.0, qkv_bias=True,
+    num_kv_heads=2, head_dim=64, max_position_embeddings=256, rope_theta=10000.0, qkv_bias=True,
     tie_embeddings=True,
 )
 # For tests: trains at a few milliseconds a step on a CPU.
@@ -661,7 +661,7 @@ def train_model(corpus_dir: str | Path | Sequence[str | Path], tokenizer_path: s
     # Batches are built ahead. Threads suffice for a CPU run (the tokenizer releases the GIL); a
     # GPU steps faster than one Python thread parses holes, so there forked processes build them.
     if batch_processes is None:
-        batch_processes = min(8, (os.cpu_count() or 1) - 1) if device_.type == "cuda" else 0
+        batch_processes = max(1, min(14, (os.cpu_count() or 2) - 2)) if device_.type == "cuda" else 0
     ahead = max(1, prefetch if prefetch is not None else 4 if device_.type == "cuda" else 2, batch_processes)
     if batch_processes > 0:
         workers = ProcessPoolExecutor(batch_processes, mp_context=multiprocessing.get_context("fork"),
