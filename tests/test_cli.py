@@ -43,6 +43,7 @@ def test_complete_bad_input(args, message):
     assert message in run.stderr
 
 
+@pytest.mark.slow  # the reference sampler at a 2048-token context: minutes on 2 CPU cores
 def test_bench_quick_rows():
     run = lacuna("bench", "--quick", "--json")
     assert run.returncode == 0, run.stderr
