@@ -64,7 +64,7 @@ class ModelConfig:
         return self.vocab_size * h * (1 if self.tie_embeddings else 2) + self.num_layers * layer + h
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelConfig":
+    def from_hf(cls, cfg: dict) -> ModelConfig:
         model_type = str(cfg.get("model_type", "")).lower()
         if model_type not in FAMILIES:
             raise CheckpointError(
@@ -124,8 +124,10 @@ class ModelConfig:
         }
 
 
-# Random-weight shapes of real open checkpoints, for benchmarks and tests.
-SHAPES = {
+# Every model shape by name: `lacuna bench --shape` builds random weights of one, `lacuna train
+# model --config` trains one.
+PRESETS = {
+    # For tests and quick benchmarks: a CPU runs and trains it in milliseconds a step.
     "tiny": ModelConfig("qwen2", 512, 128, 352, 2, 4, 2, 32, 4096, qkv_bias=True, tie_embeddings=True),
     # Qwen2.5-0.5B / Qwen2.5-Coder-0.5B: the shape of Open-dCoder-0.5B.
     "0.5b": ModelConfig("qwen2", 151936, 896, 4864, 24, 14, 2, 64, 32768, rope_theta=1e6,
@@ -133,4 +135,17 @@ SHAPES = {
     # Qwen2.5-7B: the shape of Dream-v0-7B, Dream-Coder-7B and DiffuCoder-7B.
     "7b": ModelConfig("qwen2", 152064, 3584, 18944, 28, 28, 4, 128, 131072, rope_theta=1e6,
                       qkv_bias=True),
+    # The bundled model: ~29.9M parameters, 59.8 MB in fp16 with tied embeddings (under 64 MB with
+    # its tokenizer). Qwen2 style (shifted logits, QKV bias), as Dream and DiffuCoder; 1024 positions
+    # cover the server's default context (512 prefix tokens, the suffix, a 64-token block).
+    "bundled": ModelConfig("qwen2", vocab_size=12288, hidden_size=512, intermediate_size=1408, num_layers=8,
+                           num_heads=8, num_kv_heads=4, head_dim=64, max_position_embeddings=1024,
+                           rope_theta=10000.0, qkv_bias=True, tie_embeddings=True),
+    # The default trained on 2 CPU cores while no GPU is available: ~6.2M parameters (3.1M of them
+    # the embedding), about 2,000 tokens/s to train there. 256 positions: the server fits its context
+    # to them (about 1,000 characters around the cursor), and rows of 256 tokens let a weak model find
+    # its neighbours sooner than rows of 512 (the first CPU runs at 512 stayed at the unigram level).
+    "cpu": ModelConfig("qwen2", vocab_size=12288, hidden_size=256, intermediate_size=768, num_layers=4,
+                       num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=256,
+                       rope_theta=10000.0, qkv_bias=True, tie_embeddings=True),
 }

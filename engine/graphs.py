@@ -10,12 +10,14 @@ On other devices `Replay` simply calls the function, so the same path is tested 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
-from .model import Transformer
-from .sampler import DecodeOptions, Denoiser, EngineError, Layout
+from .api import DecodeOptions, EngineError
+from .model import KVCache, Transformer
+from .sampler import Denoiser, Layout
 
 GRAPH_CHUNK = 1  # denoising steps per replay; cancellation and time budgets act between replays
 GRAPH_SLOTS = 256  # graphs are captured for caches of a multiple of this many slots
@@ -64,7 +66,7 @@ class StepGraph:
                               device=device)
         self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
         self.steps_run = torch.zeros((), dtype=torch.long, device=device)
-        self.owner = None  # the request whose keys are in the cache
+        self.owner: int | None = None  # the id of the request whose keys are in the cache
 
         def steps():
             for count in counts:
@@ -76,33 +78,28 @@ class StepGraph:
 
         self.replay = Replay(steps, device)
 
-    def take(self, request) -> None:
-        """Move `request`'s cache into the graph's; it then steps in place there."""
-        own, den = request.cache.slots, request.denoiser
-        for dst, src in zip(self.cache.k + self.cache.v, request.cache.k + request.cache.v):
+    def take(self, owner: int, cache: KVCache, key_mask: Tensor | None, den: Denoiser) -> tuple[KVCache, Tensor]:
+        """Copy request `owner`'s context cache into the graph's, which then holds its keys; returns
+        the graph's cache and key mask, where the request steps in place from now on."""
+        own = cache.slots
+        for dst, src in zip(self.cache.k + self.cache.v, cache.k + cache.v):
             dst[:, :, :own] = src
             dst[:, :, own:] = 0  # masked, but stale values of an earlier request must be finite
         self.attn_mask.zero_()
-        self.attn_mask[:, 0, 0, :own] = True if request.key_mask is None else request.key_mask
+        self.attn_mask[:, 0, 0, :own] = True if key_mask is None else key_mask
         self.positions.copy_(torch.arange(den.start - self.shift, den.end, device=self.positions.device))
-        request.cache, request.key_mask = self.cache, self.attn_mask[:, 0, 0]
-        self.owner = request
+        self.owner = owner
+        return self.cache, self.attn_mask[:, 0, 0]
 
     def run(self, den: Denoiser) -> None:
         """Advance `den` by one chunk of steps (fewer take effect once it is done)."""
-        window = den.x[:, den.start - self.shift:den.end]
-        self.state.x.copy_(window)
-        self.state.masked.copy_(den.masked)
-        self.state.confidence.copy_(den.confidence)
+        self.state.load_window(self.shift, den.x[:, den.start - self.shift:den.end], den.masked, den.confidence)
         self.non_finite.zero_()
         self.steps_run.zero_()
         self.replay()
         if bool(self.non_finite):
             raise EngineError("the model produced NaN or infinite logits")
-        window.copy_(self.state.x)
-        den.masked.copy_(self.state.masked)
-        den.confidence.copy_(self.state.confidence)
-        den.steps += int(self.steps_run)
+        den.load_window(self.shift, self.state.x, self.state.masked, self.state.confidence, int(self.steps_run))
 
 
 def cache_slots(slots: int) -> int:

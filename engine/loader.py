@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from .config import SHAPES, CheckpointError, ModelConfig
+from .config import PRESETS, CheckpointError, ModelConfig
 from .model import Transformer, rope_inv_freq
 
 MASK_TOKEN, EOS_TOKEN, BOS_TOKEN = "<|mask|>", "<|endoftext|>", "<|beginoftext|>"
@@ -158,7 +158,8 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", dtype: torch.dty
         raise CheckpointError(f"checkpoint has {len(unexpected)} unknown tensors, e.g. {unexpected[0]}")
     for name, param in model.state_dict().items():
         if name in expected and weights[name].shape != param.shape:
-            raise CheckpointError(f"tensor {name} has shape {tuple(weights[name].shape)}, config says {tuple(param.shape)}")
+            raise CheckpointError(f"tensor {name} has shape {tuple(weights[name].shape)}, "
+                                  f"config says {tuple(param.shape)}")
     model.load_state_dict(weights, assign=True, strict=False)
     if config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -181,7 +182,7 @@ def byte_tokenizer() -> Tokenizer:
 def random_model(shape: str | ModelConfig = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
                  seed: int = 0) -> LoadedModel:
     """A random-weight model of a named shape with the byte tokenizer: for tests and benchmarks."""
-    config = SHAPES[shape] if isinstance(shape, str) else shape
+    config = PRESETS[shape] if isinstance(shape, str) else shape
     tokenizer = byte_tokenizer()
     ids = [tokenizer.token_to_id(t) for t in (MASK_TOKEN, EOS_TOKEN, BOS_TOKEN)]
     if max(ids) >= config.vocab_size:
@@ -230,6 +231,6 @@ def save_checkpoint(loaded: LoadedModel, directory: str | Path, max_shard_bytes:
     (directory / "config.json").write_text(json.dumps({**config.to_hf(), **ids}, indent=1))
     (directory / "generation_config.json").write_text(json.dumps(ids, indent=1))
     loaded.tokenizer.save(str(directory / "tokenizer.json"))
-    names = {f"{k}_token": loaded.tokenizer.id_to_token(v) for k, v in
-             {"mask": special.mask, "eos": special.eos, "pad": special.pad, "bos": special.bos}.items() if v is not None}
+    ids_by_name = {"mask": special.mask, "eos": special.eos, "pad": special.pad, "bos": special.bos}
+    names = {f"{k}_token": loaded.tokenizer.id_to_token(v) for k, v in ids_by_name.items() if v is not None}
     (directory / "tokenizer_config.json").write_text(json.dumps(names, indent=1))

@@ -31,16 +31,16 @@ class KVCache:
         return self.k[0].shape[2]
 
     @classmethod
-    def of(cls, k: list[Tensor], v: list[Tensor]) -> "KVCache":
+    def of(cls, k: list[Tensor], v: list[Tensor]) -> KVCache:
         cache = cls.__new__(cls)
         cache.k, cache.v = k, v
         return cache
 
-    def rows(self, start: int, end: int) -> "KVCache":
+    def rows(self, start: int, end: int) -> KVCache:
         """A view of rows [start, end): writes through to this cache."""
         return KVCache.of([k[start:end] for k in self.k], [v[start:end] for v in self.v])
 
-    def expand(self, batch: int) -> "KVCache":
+    def expand(self, batch: int) -> KVCache:
         """A one-row cache repeated for `batch` rows (candidates of one request), as a copy."""
         return KVCache.of([k.expand(batch, -1, -1, -1).contiguous() for k in self.k],
                           [v.expand(batch, -1, -1, -1).contiguous() for v in self.v])
@@ -95,21 +95,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=config.o_bias)
 
     def forward(self, x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal, rows):
-        """Writes keys and values of all of `x`; queries only `rows` of it when given."""
+        """Writes keys and values of all of `x` into the cache (without one, attends over them
+        alone); queries only `rows` of `x` when given."""
         b, t, _ = x.shape
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         k = k * cos + rotate_half(k) * sin
-        k_cache.scatter_(2, write_index, k)
-        v_cache.scatter_(2, write_index, v)
+        if k_cache is not None:
+            k_cache.scatter_(2, write_index, k)
+            v_cache.scatter_(2, write_index, v)
+            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         if rows is not None:
             x, cos, sin = x[:, rows], cos[:, :, rows], sin[:, :, rows]
         r = x.shape[1]
         q = self.q_proj(x).view(b, r, self.heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         out = F.scaled_dot_product_attention(
-            q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len],
-            attn_mask=attn_mask, is_causal=causal, enable_gqa=self.heads != self.kv_heads,
+            q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.heads != self.kv_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, r, -1))
 
@@ -158,13 +160,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, *, rows: Tensor | None = None,
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache | None, *, rows: Tensor | None = None,
                 kv_len: int | None = None, attn_mask: Tensor | None = None, causal: bool = False) -> Tensor:
         """Hidden states (batch, len, hidden) of `tokens` at `positions` (both (batch, len)).
 
         Keys and values are written into `cache` at `positions`; attention covers the first
         `kv_len` cache slots (all by default), restricted by the boolean `attn_mask`
-        (batch, 1, 1, slots) where rows are padded. With `rows` (indices into len), only those
+        (batch, 1, 1, slots) where rows are padded. Without a cache (training) attention covers
+        the tokens themselves, `attn_mask` then (batch, 1, 1, len). With `rows` (indices into len), only those
         rows' hidden states are computed in the last layer and returned: every layer's keys
         are still written, and the last layer's queries and MLP run on `rows` alone.
         """
@@ -174,13 +177,14 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         b, t = tokens.shape
         write_index = positions[:, None, :, None].expand(b, self.config.num_kv_heads, t, self.config.head_dim)
-        kv_len = kv_len or cache.slots
+        kv_len = kv_len or (cache.slots if cache is not None else t)
+        layer_caches = zip(cache.k, cache.v) if cache is not None else [(None, None)] * len(self.model.layers)
         last = len(self.model.layers) - 1
         last_mask, last_causal = attn_mask, causal
         if causal and rows is not None:  # is_causal assumes square attention: spell the mask out
             keys = torch.arange(kv_len, device=positions.device)
             last_mask, last_causal = (keys <= positions[:, rows, None])[:, None], False
-        for i, (layer, k_cache, v_cache) in enumerate(zip(self.model.layers, cache.k, cache.v)):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.model.layers, layer_caches)):
             if i == last:
                 attn_mask, causal = last_mask, last_causal
             x = layer(x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal,

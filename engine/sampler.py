@@ -18,45 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-POLICIES = ("steps", "threshold", "fixed")
-ORDERINGS = ("confidence", "margin", "entropy")
-
-
-class EngineError(RuntimeError):
-    """A request the engine could not serve; the engine itself keeps serving."""
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    policy: str = "threshold"
-    steps: int | None = None  # "steps": denoising steps (default: one token per step)
-    threshold: float = 0.9  # "threshold": confidence at which a position is kept
-    tokens_per_step: int = 4  # "fixed"
-    ordering: str = "confidence"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    use_cache: bool = True  # dual context cache; False runs a full forward every step
-    refresh_every: int = 0  # re-encode the context every k steps (0: never)
-    min_tokens: int = 0  # the infill's first k tokens are never EOS or pad (an editor wants something)
-
-    def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, not {self.policy!r}")
-        if self.ordering not in ORDERINGS:
-            raise ValueError(f"ordering must be one of {ORDERINGS}, not {self.ordering!r}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError("steps must be at least 1")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError("threshold must be within [0, 1]")
-        if self.tokens_per_step < 1:
-            raise ValueError("tokens_per_step must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p within (0, 1]")
-        if self.refresh_every < 0:
-            raise ValueError("refresh_every must be >= 0")
-        if self.min_tokens < 0:
-            raise ValueError("min_tokens must be >= 0")
+from .api import DecodeOptions, EngineError
 
 
 @dataclass
@@ -140,6 +102,14 @@ class Denoiser:
             raise EngineError("the model produced NaN or infinite logits")
         self.unmask(logits, columns, self.step_count(self.steps))
         self.steps += 1
+
+    def load_window(self, shift: int, tokens: Tensor, masked: Tensor, confidence: Tensor, steps: int = 0) -> None:
+        """Take over a state advanced elsewhere (a CUDA graph's): `tokens` for the window from the
+        position that predicts the first masked one, the masks and confidences, `steps` more steps."""
+        self.x[:, self.start - shift:self.end].copy_(tokens)
+        self.masked.copy_(masked)
+        self.confidence.copy_(confidence)
+        self.steps += steps
 
     def step_count(self, step: int) -> int | None:
         """Tokens to unmask at `step` (None: as many as reach the threshold)."""

@@ -1,0 +1,1 @@
+"""The language server (`lacuna serve`) and the `lacuna` command line."""

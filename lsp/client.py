@@ -7,6 +7,8 @@ import sys
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
+from engine.api import VERSION
+
 
 def server_command(model: str | None = None, device: str | None = None) -> list[str]:
     command = [sys.executable, "-m", "lsp.cli", "serve"]
@@ -18,7 +20,7 @@ def server_command(model: str | None = None, device: str | None = None) -> list[
 
 
 async def connect(command: list[str]) -> LanguageClient:
-    client = LanguageClient("lacuna-client", "0.1.0")
+    client = LanguageClient("lacuna-client", VERSION)
     await client.start_io(*command)
     await client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities()))
     client.initialized(types.InitializedParams())

@@ -11,18 +11,21 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine.runner import Engine
-from engine.sampler import DecodeOptions
+from engine.api import DecodeOptions, InfillEngine
 
 from .config import Options
-from . import context
-from .context import build_context
+from .context import Outlines, build_context
 from .document import Document
 from .postprocess import Candidate, postprocess
 from .span import plan_span
 
 CACHE_SIZE = 64
 ALTERNATIVES_TEMPERATURE = 0.8
+# How the model's positions left after the span are shared: the prefix window gets most, as the
+# code before the cursor says most about what comes next; the syntax context gets the least.
+PREFIX_SHARE, SUFFIX_SHARE, SYNTAX_SHARE = 5 / 8, 1 / 4, 1 / 8
+PREFIX_PER_MASK = 8  # the prefix window is at most this many tokens per masked token the engine allows
+SUFFIX_TOKENS = SYNTAX_TOKENS = 256  # the most the suffix window and the syntax context get
 
 
 @dataclass
@@ -34,9 +37,10 @@ class Shown:
 
 
 class Completer:
-    def __init__(self, options: Options):
+    def __init__(self, options: Options, engine: InfillEngine | None = None):
         self.options = options
-        self.engine: Engine | None = None
+        self.engine = engine
+        self.outlines = Outlines()
         self.cache: OrderedDict[tuple, list[Candidate]] = OrderedDict()
         self.shown: dict[str, Shown] = {}
         self.in_flight: dict[str, asyncio.Future] = {}  # uri -> the engine's work for it
@@ -46,9 +50,27 @@ class Completer:
         self.accepted = 0
         self.cancelled = 0  # engine requests stopped early: by the client or by a newer request
 
+    def use_engine(self, engine: InfillEngine) -> None:
+        """The engine, once it is loaded or connected."""
+        self.engine = engine
+
+    def configure(self, options: Options) -> None:
+        self.options = options
+
+    def record_acceptance(self) -> int:
+        """A suggestion was accepted; the count so far."""
+        self.accepted += 1
+        return self.accepted
+
+    def warm_up(self, doc: Document) -> None:
+        """Parse a document's latest edits and outline it, so the next completion finds both ready."""
+        if doc.parser is not None:
+            doc.reparse()
+            self.outlines.of(doc)
+
     def forget(self, uri: str) -> None:
         self.shown.pop(uri, None)
-        context.forget(uri)
+        self.outlines.forget(uri)
         request = self.in_flight.pop(uri, None)
         if request is not None:
             request.cancel()
@@ -86,9 +108,16 @@ class Completer:
         if span is None or self.engine is None:
             return []
         # Fit the model's positions: the engine would trim the far ends, where the syntax context is.
-        room = self.engine.max_context - span.tokens - 2  # BOS and EOS
-        context = build_context(doc, offset, documents, prefix_tokens=min(self.engine.max_tokens * 8, room * 5 // 8),
-                                suffix_tokens=min(256, room // 4), context_tokens=min(256, room // 8))
+        capacity = self.engine.capacity
+        prefix_tokens = capacity.max_tokens * PREFIX_PER_MASK
+        suffix_tokens, syntax_tokens = SUFFIX_TOKENS, SYNTAX_TOKENS
+        if capacity.max_context is not None:
+            room = capacity.max_context - span.tokens - capacity.reserved_tokens
+            prefix_tokens = min(prefix_tokens, int(room * PREFIX_SHARE))
+            suffix_tokens = min(suffix_tokens, int(room * SUFFIX_SHARE))
+            syntax_tokens = min(syntax_tokens, int(room * SYNTAX_SHARE))
+        context = build_context(doc, offset, documents, self.outlines, prefix_tokens=prefix_tokens,
+                                suffix_tokens=suffix_tokens, context_tokens=syntax_tokens)
         n = self.options.candidates
         key = (context.prefix, context.suffix, span, n)
         before, after = doc.text[:offset], doc.text[offset:]
@@ -124,7 +153,7 @@ class Completer:
         start = time.perf_counter()
         # The first candidate is the greedy infill; alternatives to cycle through are sampled (in
         # the same denoising steps: the engine batches both requests).
-        ask = dict(prefix=prefix, suffix=suffix, n_tokens=min(tokens, engine.max_tokens),
+        ask = dict(prefix=prefix, suffix=suffix, n_tokens=min(tokens, engine.capacity.max_tokens),
                    time_budget=self.options.time_budget_ms / 1000)
         # An empty infill is no suggestion: the span rules already decided one is wanted here.
         parts = [engine.infill(**ask, n=1, options=DecodeOptions(min_tokens=1))]

@@ -73,16 +73,26 @@ class Outline:
     definitions: dict[str, list[str]]
 
 
-_outlines: dict[str, Outline] = {}  # by document URI
+class Outlines:
+    """Each open document's outline, rebuilt only when its tree changed. The completer owns one;
+    the server warms it up right after reparsing, off the event loop."""
+
+    def __init__(self):
+        self._by_uri: dict[str, Outline] = {}
+
+    def of(self, doc: Document) -> Outline:
+        tree = doc.tree
+        cached = self._by_uri.get(doc.uri)
+        if cached is not None and cached.tree is tree:
+            return cached
+        self._by_uri[doc.uri] = result = _outline(doc, tree)
+        return result
+
+    def forget(self, uri: str) -> None:
+        self._by_uri.pop(uri, None)
 
 
-def outline(doc: Document) -> Outline:
-    """The document's outline, rebuilt only when its tree changed (the server warms it up right
-    after reparsing, off the event loop)."""
-    tree = doc.tree
-    cached = _outlines.get(doc.uri)
-    if cached is not None and cached.tree is tree:
-        return cached
+def _outline(doc: Document, tree) -> Outline:
     imports = [n.text.decode("utf-8", "replace") for n in tree.root_node.children if n.type in IMPORT_TYPES]
     definitions: dict[str, list[str]] = {}
     stack = list(tree.root_node.children)
@@ -99,16 +109,11 @@ def outline(doc: Document) -> Outline:
         body = target.child_by_field_name("body")
         if body is not None and target.type in ("class_definition", "class_declaration", "impl_item"):
             stack.extend(body.children)  # methods too
-    _outlines[doc.uri] = result = Outline(tree, imports, definitions)
-    return result
+    return Outline(tree, imports, definitions)
 
 
-def forget(uri: str) -> None:
-    _outlines.pop(uri, None)
-
-
-def build_context(doc: Document, offset: int, documents: list[Document], *, prefix_tokens: int = 1024,
-                  suffix_tokens: int = 256, context_tokens: int = 256) -> Context:
+def build_context(doc: Document, offset: int, documents: list[Document], outlines: Outlines, *,
+                  prefix_tokens: int = 1024, suffix_tokens: int = 256, context_tokens: int = 256) -> Context:
     text = doc.text
     start = _window_start(text, offset, prefix_tokens * CHARS_PER_TOKEN)
     end = _window_end(text, offset, suffix_tokens * CHARS_PER_TOKEN)
@@ -118,9 +123,9 @@ def build_context(doc: Document, offset: int, documents: list[Document], *, pref
     names = set(IDENTIFIER.findall(text[_line_start(text, offset, NEAR_LINES):_line_end(text, offset, NEAR_LINES)]))
     snippets = []
     for other in [doc] + [d for d in documents if d is not doc and d.language_id == doc.language_id]:
-        definitions = outline(other).definitions
+        definitions = outlines.of(other).definitions
         snippets += [header for name in sorted(names) for header in definitions.get(name, ())]
-    snippets += _enclosing_headers(doc, offset) + outline(doc).imports
+    snippets += _enclosing_headers(doc, offset) + outlines.of(doc).imports
     budget, chosen, seen = context_tokens * CHARS_PER_TOKEN, [], set()
     window = prefix + suffix
     for snippet in snippets:

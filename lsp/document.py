@@ -43,10 +43,6 @@ class Document:
         self.reparse()
         return self._tree
 
-    @property
-    def needs_parse(self) -> bool:
-        return bool(self._pending)
-
     def reparse(self) -> None:
         """Bring the tree up to date with the text (incrementally); safe from any thread."""
         with self._parse_lock:

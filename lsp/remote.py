@@ -1,10 +1,12 @@
-"""An engine behind a FIM HTTP endpoint (`lacuna engine`, or a hosted API of the same shape),
-with the `infill` call the in-process Engine has.
+"""An engine behind a FIM HTTP endpoint (`lacuna engine`, or a hosted API of the same shape):
+the `InfillEngine` of engine/api.py over HTTP, as the in-process Engine is one in memory.
 
 One kept-alive connection pool. Cancelling an infill closes its HTTP request, which makes
 `lacuna engine` stop denoising for it. When the endpoint is down, infills fail at once (no
 waiting on every keystroke) while a probe retries with backoff; `on_change(up, message)` hears
-each transition, so the server can tell the editor once.
+each transition, so the server can tell the editor once. What the model can take (its positions,
+the tokens its layout reserves) and where it runs come from `lacuna engine`'s `/health`, read
+before the first infill; a hosted API without one leaves them unknown.
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import httpx
 
-from engine.runner import Completion
-from engine.sampler import EngineError
+from engine.api import API_KEY_ENV, Capacity, Completion, DecodeOptions, EngineError, Limits
 
 log = logging.getLogger(__name__)
-API_KEY_ENV = "LACUNA_API_KEY"
 FIRST_RETRY_S, MAX_RETRY_S = 0.5, 30.0
 
 
@@ -29,30 +29,32 @@ class EngineUnavailable(EngineError):
 
 
 class RemoteEngine:
-    def __init__(self, url: str, *, model: str | None = None, max_tokens: int = 256, max_context: int = 4096,
-                 on_change: Callable[[bool, str], None] | None = None):
+    def __init__(self, url: str, *, model: str | None = None, on_change: Callable[[bool, str], None] | None = None):
         self.url = url.rstrip("/")
         self.model = model
-        self.max_tokens = max_tokens
-        self.max_context = max_context  # unknown for a remote model: the endpoint trims what is over
         self.on_change = on_change
         self.up = True
         self.name = f"{model or 'engine'} at {self.url}"
-        self.device = self.url
+        self.device: str | None = None  # as the endpoint's /health says
+        # Until /health says otherwise: the service's default limit, and the context unknown (the
+        # endpoint trims what is over).
+        self.capacity = Capacity(Limits().max_tokens, None, 0)
+        self._described = False
         key = os.environ.get(API_KEY_ENV)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(60.0, connect=2.0))
         self._probe: asyncio.Task | None = None
 
-    async def infill(self, prefix: str, suffix: str, n_tokens: int, *, n: int = 1, options=None,
-                     time_budget: float | None = None) -> list[Completion]:
+    async def infill(self, prefix: str, suffix: str, n_tokens: int, *, n: int = 1,
+                     options: DecodeOptions = DecodeOptions(), time_budget: float | None = None) -> list[Completion]:
         if not self.up:
             raise EngineUnavailable(f"the engine at {self.url} is down")
-        body = {"prompt": prefix, "suffix": suffix, "max_tokens": n_tokens, "n": n}
+        if not self._described:
+            await self.describe()
+        body = {"prompt": prefix, "suffix": suffix, "max_tokens": n_tokens, "n": n,
+                "temperature": options.temperature, "top_p": options.top_p}
         if self.model:
             body["model"] = self.model
-        if options is not None:
-            body |= {"temperature": options.temperature, "top_p": options.top_p}
         try:
             response = await self.client.post(f"{self.url}/v1/fim/completions", json=body)
         except httpx.TransportError as err:
@@ -64,6 +66,21 @@ class RemoteEngine:
         steps = (answer.get("lacuna") or {}).get("steps", 0)
         return [Completion(c.get("text", ""), [], [], steps, c.get("finish_reason") or "stop")
                 for c in sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))]
+
+    async def describe(self) -> None:
+        """Read the model's capacity and device from `/health` (`lacuna engine` reports them)."""
+        try:
+            response = await self.client.get(f"{self.url}/health", timeout=2.0)
+            health = response.json() if response.status_code == 200 else {}
+        except (httpx.TransportError, ValueError):
+            return  # down: the infill finds out; up again, this is asked again
+        self._described = True
+        if not isinstance(health, dict):
+            return
+        self.device = health.get("device")
+        if isinstance(health.get("max_tokens"), int):
+            self.capacity = Capacity(health["max_tokens"], health.get("max_context"),
+                                     health.get("reserved_tokens") or 0)
 
     def _went_down(self, err: Exception) -> None:
         if not self.up:

@@ -1,15 +1,29 @@
 import dataclasses
+import os
+import shutil
 
 import pytest
 import torch
 
-from engine.config import SHAPES
+from engine.config import PRESETS
+from engine.engine import Engine
 from engine.loader import random_model, save_checkpoint
-from engine.runner import Engine
+
+# .ci/run installs the editors' programs and sets this: there a missing one fails its tests.
+REQUIRE_EDITORS = os.environ.get("LACUNA_REQUIRE_EDITORS") == "1"
+
+
+def require_program(name: str, install: str) -> None:
+    """Skip the test when the program `name` is not on PATH, saying how to install it; fail it
+    instead under LACUNA_REQUIRE_EDITORS=1."""
+    if shutil.which(name) is None:
+        missing = f"{name} is not installed: {install}"
+        pytest.fail(missing) if REQUIRE_EDITORS else pytest.skip(missing)
+
 
 # A small Qwen2-family (shifted logits) and a Llama-family (LLaDA, unshifted) config.
-QWEN2 = SHAPES["tiny"]
-LLAMA = dataclasses.replace(SHAPES["tiny"], model_type="llada", qkv_bias=False, tie_embeddings=False)
+QWEN2 = PRESETS["tiny"]
+LLAMA = dataclasses.replace(PRESETS["tiny"], model_type="llada", qkv_bias=False, tie_embeddings=False)
 
 
 @pytest.fixture(scope="session")

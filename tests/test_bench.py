@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.bench import Autoregressive
+from engine.bench.latency import Autoregressive
 from engine.loader import random_model
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))

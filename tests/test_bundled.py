@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine.config import CheckpointError
+from engine.engine import Engine
 from engine.loader import BUNDLED_DIR, load_checkpoint
-from engine.runner import Engine
 
 MB = 2**20
 

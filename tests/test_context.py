@@ -3,7 +3,7 @@
 import pytest
 
 from lsp.config import Options, update_options
-from lsp.context import build_context
+from lsp.context import Outlines, build_context
 from lsp.document import Document
 from lsp.span import Span, plan_span
 
@@ -53,20 +53,21 @@ def test_context_puts_outside_definitions_headers_and_imports_before_the_window(
               + "        return scale(size, |)\n")
     offset = source.index("|")
     doc = Document("file:///shape.py", source.replace("|", ""), "python")
-    context = build_context(doc, offset, [doc, helper], prefix_tokens=40, suffix_tokens=10, context_tokens=100)
+    context = build_context(doc, offset, [doc, helper], Outlines(), prefix_tokens=40, suffix_tokens=10,
+                            context_tokens=100)
     head = context.prefix.split("        pass\n", 1)[0]
     assert head.index("def scale(value: float, factor: float) -> float:") < head.index("class Shape:")
     assert head.index("    def area(self, size):") < head.index("import math")
     assert context.prefix.endswith("        return scale(size, ")
     assert context.suffix == ")\n"
     # Within the budget and never repeating what the windows already hold.
-    small = build_context(doc, offset, [doc, helper], prefix_tokens=40, context_tokens=5)
+    small = build_context(doc, offset, [doc, helper], Outlines(), prefix_tokens=40, context_tokens=5)
     assert small.prefix.split("        pass", 1)[0] == "class Shape:\n"
 
 
 def test_context_of_plain_text_is_the_windows():
     doc = Document("file:///n.txt", "a\nb\nc", None)
-    context = build_context(doc, 3, [doc])
+    context = build_context(doc, 3, [doc], Outlines())
     assert (context.prefix, context.suffix) == ("a\nb", "\nc")
 
 

@@ -16,7 +16,7 @@ def client_apply(text: str, start: tuple[int, int], end: tuple[int, int], new: s
     def index(line, character):
         if line >= len(lines):
             return len(text)
-        base = sum(len(l) + 1 for l in lines[:line])
+        base = sum(len(part) + 1 for part in lines[:line])
         content = lines[line][:-1] if line < len(lines) - 1 and lines[line].endswith("\r") else lines[line]
         count = 0
         for i, ch in enumerate(content):

@@ -8,17 +8,21 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REQUIRE_EDITORS, require_program
 
+from engine.api import VERSION
+
+pytestmark = pytest.mark.slow
 LACUNA_EL = pathlib.Path(__file__).parent.parent / "editors" / "emacs" / "lacuna.el"
 APT = "apt-get install emacs-nox elpa-eglot"
 
 
 def emacs(*args, timeout=120):
-    if shutil.which("emacs") is None:
-        pytest.fail(f"emacs is not installed: {APT}")
+    require_program("emacs", APT)
     done = subprocess.run(["emacs", "--batch", "-q", *args], capture_output=True, text=True, timeout=timeout)
     if "Cannot open load file" in done.stderr and "eglot" in done.stderr:
-        pytest.fail(f"Eglot is not installed: {APT}")
+        missing = f"Eglot is not installed: {APT}"
+        pytest.fail(missing) if REQUIRE_EDITORS else pytest.skip(missing)
     return done
 
 
@@ -51,4 +55,4 @@ def test_eglot_completes_at_point_and_shows_status(constant_checkpoint, tmp_path
     assert done.returncode == 0, done.stderr
     line = next(out for out in done.stdout.splitlines() if out.startswith("LINE "))
     assert line.startswith("LINE     result = wxxx")
-    assert "Lacuna: lacuna 0.1.0, model constant" in done.stderr and "device cpu" in done.stderr
+    assert f"Lacuna: lacuna {VERSION}, model constant" in done.stderr and "device cpu" in done.stderr

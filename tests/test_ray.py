@@ -5,10 +5,11 @@ import asyncio
 import httpx
 import pytest
 import ray
-
-from engine import ray_serve
-
 from test_service import free_port
+
+from engine.serving import ray_serve
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

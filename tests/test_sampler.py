@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from engine.sampler import DecodeOptions, Denoiser, EngineError, build_layout, top_p_filter, transfer_schedule
+from engine.api import DecodeOptions, EngineError
+from engine.sampler import Denoiser, build_layout, top_p_filter, transfer_schedule
 
 MASK, EOS, BOS, PAD = 9, 8, 7, 8
 VOCAB = 10

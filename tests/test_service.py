@@ -14,15 +14,14 @@ import pytest
 import torch
 import uvicorn
 from lsprotocol import types
-
-from engine.http_bench import load
-from engine.loader import load_checkpoint, random_model
-from engine.runner import Engine
-from engine.sampler import EngineError
-from engine.service import Limits, create_app, require_key_off_loopback
-from lsp.remote import RemoteEngine
-
 from test_server import command, inline, open_doc, start, stop
+
+from engine.api import EngineError, Limits
+from engine.bench.service import load
+from engine.engine import Engine
+from engine.loader import load_checkpoint, random_model
+from engine.serving.service import create_app, require_key_off_loopback
+from lsp.remote import RemoteEngine
 
 
 def free_port() -> int:

@@ -6,7 +6,9 @@ import pathlib
 import subprocess
 
 import pytest
+from conftest import require_program
 
+pytestmark = pytest.mark.slow
 EXTENSION = pathlib.Path(__file__).resolve().parents[1] / "editors" / "vscode"
 
 
@@ -18,6 +20,8 @@ def npm(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def installed():
+    for program in ("node", "npm"):
+        require_program(program, "apt-get install nodejs npm")
     npm("ci", "--no-audit", "--no-fund", "--prefer-offline")
 
 

@@ -15,25 +15,16 @@ import json
 import os
 import time
 import uuid
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .runner import Completion, Engine
-from .sampler import DecodeOptions, EngineError
+from ..api import Completion, DecodeOptions, EngineError, Limits
+from ..engine import Engine
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_body_bytes: int = 4 << 20
-    max_tokens: int = 256  # never above the engine's own
-    max_n: int = 8
-    max_context_chars: int = 1_000_000  # prompt and suffix together; the engine trims to its window
 
 
 class FimRequest(BaseModel):
@@ -155,8 +146,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
     @app.get("/health")
     async def health(request: Request):
         check_api_key(request, api_key)
+        capacity = engine.capacity
         return {"status": "ok", "model": name, "device": str(engine.device), "pending": engine.pending,
-                "max_tokens": limits.max_tokens, "pid": os.getpid(), "rss_mb": resident_mb()}
+                "max_tokens": limits.max_tokens, "max_context": capacity.max_context,
+                "reserved_tokens": capacity.reserved_tokens, "pid": os.getpid(), "rss_mb": resident_mb()}
 
     @app.get("/v1/models")
     async def models(request: Request):

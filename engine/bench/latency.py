@@ -11,15 +11,20 @@ Every sampler fills the same middle between the same context on the same network
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import statistics
+import sys
 import time
 
 import torch
 
-from .graphs import GRAPH_CHUNK, Replay
-from .runner import Engine
-from .sampler import DecodeOptions
+from ..api import DecodeOptions
+from ..config import PRESETS
+from ..engine import Engine, default_device, default_dtype
+from ..graphs import GRAPH_CHUNK, Replay
+from ..loader import load_checkpoint, random_model
 
 SAMPLERS = ("reference", "cached", "cached+threshold", "autoregressive")
 # Peak memory bandwidth, GB/s, for the per-step lower bound (weight bytes / bandwidth).
@@ -121,7 +126,7 @@ def _bandwidth_gbps(device: torch.device) -> float | None:
 
 def run(engine: Engine, *, shape: str, contexts=(512, 2048), middles=(16, 32, 64, 128),
         samplers=SAMPLERS, reps: int = 5, tokens_per_step: int = 4, progress=None) -> list[dict]:
-    model = engine.model
+    model = engine.loaded.model
     device = engine.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -166,3 +171,32 @@ def format_row(row: dict) -> str:
     return (f"{row['sampler']:<17} {row['shape']:<6} ctx {row['context']:>5} mid {row['middle']:>4}  "
             f"steps {row['steps']:>4}  p50 {row['p50_ms']:>9.2f} ms  p95 {row['p95_ms']:>9.2f} ms  "
             f"{row['tokens_per_s']:>9.1f} tok/s  {row['step_ms']:.3f} ms/step{bound}")
+
+
+def main(*, model_dir: str | None, shape: str | None, device: str | None, dtype: str | None, quick: bool,
+         reps: int, tokens_per_step: int, as_json: bool) -> int:
+    """`lacuna bench`: the rows printed as they come (or as one JSON list)."""
+    device = device or default_device()
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype) \
+        or default_dtype(device)
+    shape = shape or ("model" if model_dir else "tiny")
+    if not model_dir and device == "cpu":
+        needed = PRESETS[shape].parameters * torch_dtype.itemsize
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > memory / 2:
+            print(f"lacuna bench: the {shape} shape needs {needed / 1e9:.0f} GB of weights here and this "
+                  f"machine has {memory / 1e9:.0f} GB: use a GPU (--device cuda)", file=sys.stderr)
+            return 2
+    loaded = (load_checkpoint(model_dir, device, torch_dtype) if model_dir
+              else random_model(shape, device, torch_dtype))
+    engine = Engine(loaded, max_tokens=128)
+    if quick:
+        plan = dict(contexts=(2048,), middles=(64,), reps=3)
+    else:
+        plan = dict(contexts=(512, 2048), middles=(16, 32, 64, 128), reps=reps)
+    progress = None if as_json else (lambda row: print(format_row(row), flush=True))
+    rows = run(engine, shape=shape if not model_dir else loaded.name, tokens_per_step=tokens_per_step,
+               progress=progress, **plan)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    return 0

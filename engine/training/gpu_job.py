@@ -15,12 +15,13 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from .corpus import build_corpus, read_corpus
-from .loader import BUNDLED_DIR
-from .train import CONFIGS, train_model
+from ..config import PRESETS
+from ..loader import BUNDLED_DIR
+from .corpus import build_corpus
+from .train import train_model
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,14 @@ def run(out_dir: str | Path, corpus_dirs: Sequence[str | Path], *, config: str =
         if names:
             build_corpus(work / "site-packages", site_packages=True, include_stdlib=False, packages=names)
             corpora.append(work / "site-packages")
-    for directory in corpora:  # fail before training on a corpus that cannot be read at all
-        read_corpus(directory)
-    stats = train_model(corpora, tokenizer, work / "run", config=CONFIGS[config],
+    stats = train_model(corpora, tokenizer, work / "run", config=PRESETS[config],
                         minutes=minutes, batch_size=batch_size, seq_len=seq_len, lr=lr, device=device,
-                        compile_model=(device or "cuda") == "cuda", save_every_minutes=save_every_minutes, save_every_steps=None,
-                        state_dir=work / "train-state", on_release=lambda model_dir: _copy_release(model_dir, out_dir))
+                        compile_model=(device or "cuda") == "cuda", save_every_minutes=save_every_minutes,
+                        save_every_steps=None, state_dir=work / "train-state",
+                        on_release=lambda model_dir: _copy_release(model_dir, out_dir))
     report = {"train": stats, "seconds_to_release": round(time.time() - started, 1)}
     if eval_tasks:
-        from lsp import humaneval
+        from lsp.eval import humaneval
 
         report["humaneval_single_line"] = humaneval.evaluate("single-line", limit=eval_tasks,
                                                              model_dir=str(work / "run" / "model"), device=device)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import httpx
 
-from .runner import Engine
-from .sampler import DecodeOptions
+from ..api import DecodeOptions
+from ..engine import Engine
 
 
 def sample_context(chars: int) -> tuple[str, str]:
-    """A prefix and suffix of real code: this package's own source, repeated to length."""
-    source = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py")))
+    """A prefix and suffix of real code: the engine's own source, repeated to length."""
+    source = "".join(p.read_text() for p in sorted(Path(__file__).parents[1].glob("*.py")))
     text = (source * (chars // len(source) + 1))[:chars]
     cut = text.rfind("\n", 0, chars * 3 // 4) + 1
     return text[:cut], text[cut:]

@@ -12,8 +12,9 @@ import time
 
 from ray import serve
 
-from .runner import Engine
-from .service import Limits, create_app
+from ..api import Limits
+from ..engine import Engine
+from .service import create_app
 
 
 @serve.ingress()  # the app is built in each replica, around that replica's engine

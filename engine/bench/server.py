@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lsprotocol import types
 
-from .client import connect, disconnect, inline_completion, server_command
+from lsp.client import connect, disconnect, inline_completion, server_command
 
 URI = "file:///bench/big.py"
 FUNCTION = '''def handler_{i}(request, limit=10):
@@ -96,7 +96,7 @@ async def _bench(server: list[str], requests: int) -> dict:
             if timing.get("typedThrough"):
                 typing_through.append(timing["totalMs"])
                 typing_through_wire.append(elapsed)
-    pid = client._server.pid if client._server else None
+    pid = client._server.pid if client._server else None  # pygls has no public handle on the server process
     status = await client.workspace_execute_command_async(types.ExecuteCommandParams(command="lacuna.status"))
     result = {
         "file_lines": len(lines), "requests": len(end_to_end), "model": status["model"],

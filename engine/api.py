@@ -1,0 +1,108 @@
+"""The engine's interface, free of torch: what a caller sends, what it gets back, and the
+Protocol that both the in-process `Engine` (engine.py) and the HTTP client `RemoteEngine`
+(lsp/remote.py) satisfy. The language server codes against this module only, so a server that
+talks to `lacuna engine` over HTTP never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from typing import Protocol
+
+try:
+    VERSION = importlib.metadata.version("lacuna-lsp")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    VERSION = "0+unknown"
+
+API_KEY_ENV = "LACUNA_API_KEY"  # the engine service's key: `lacuna engine` requires it, its clients send it
+POLICIES = ("steps", "threshold", "fixed")
+ORDERINGS = ("confidence", "margin", "entropy")
+
+
+class EngineError(RuntimeError):
+    """A request the engine could not serve; the engine itself keeps serving."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    policy: str = "threshold"
+    steps: int | None = None  # "steps": denoising steps (default: one token per step)
+    threshold: float = 0.9  # "threshold": confidence at which a position is kept
+    tokens_per_step: int = 4  # "fixed"
+    ordering: str = "confidence"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    use_cache: bool = True  # dual context cache; False runs a full forward every step
+    refresh_every: int = 0  # re-encode the context every k steps (0: never)
+    min_tokens: int = 0  # the infill's first k tokens are never EOS or pad (an editor wants something)
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, not {self.policy!r}")
+        if self.ordering not in ORDERINGS:
+            raise ValueError(f"ordering must be one of {ORDERINGS}, not {self.ordering!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError("threshold must be within [0, 1]")
+        if self.tokens_per_step < 1:
+            raise ValueError("tokens_per_step must be at least 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p within (0, 1]")
+        if self.refresh_every < 0:
+            raise ValueError("refresh_every must be >= 0")
+        if self.min_tokens < 0:
+            raise ValueError("min_tokens must be >= 0")
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    confidences: list[float]
+    steps: int
+    finish_reason: str  # "stop": the model ended it; "length": all N tokens; "budget": time ran out
+    context_tokens: int = 0  # prefix and suffix tokens the model saw (after trimming), with BOS/EOS
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What one request may ask of an engine."""
+
+    max_tokens: int  # masked tokens per request
+    max_context: int | None  # positions for prefix, middle and suffix together; None: unknown
+    reserved_tokens: int  # positions the layout adds around prefix and suffix (BOS, EOS)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What `lacuna engine` accepts of a request (its command-line defaults)."""
+
+    max_body_bytes: int = 4 << 20
+    max_tokens: int = 256  # never above the engine's own
+    max_n: int = 8
+    max_context_chars: int = 1_000_000  # prompt and suffix together; the engine trims to its window
+
+
+class InfillEngine(Protocol):
+    """An engine the language server can ask for infills: in-process or over HTTP."""
+
+    name: str  # the model, as `lacuna.status` reports it
+    url: str | None  # the endpoint, or None in-process
+
+    @property
+    def device(self) -> str | None: ...  # where the model runs, when known
+
+    @property
+    def up(self) -> bool: ...  # False while an endpoint cannot be reached
+
+    @property
+    def capacity(self) -> Capacity: ...
+
+    async def infill(self, prefix: str, suffix: str, n_tokens: int, *, n: int = 1,
+                     options: DecodeOptions = DecodeOptions(), time_budget: float | None = None) -> list[Completion]:
+        """`n` infills of `n_tokens` masks between `prefix` and `suffix`; cancelling the awaiting
+        task stops the engine's work for it."""
+        ...

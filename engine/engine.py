@@ -1,0 +1,219 @@
+"""The resident engine: one model on one device, serving infill requests from any thread.
+
+A single worker thread owns the model. Each loop the scheduler (scheduler.py) takes the requests
+that have arrived and retires the finished ones, and the step runner (runner.py) runs one
+denoising step for the batch it admits. `Engine` is the API callers use; it satisfies the
+`InfillEngine` protocol of api.py, as the language server's HTTP client does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .api import Capacity, Completion, DecodeOptions, EngineError
+from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, random_model
+from .runner import StepRunner
+from .sampler import Denoiser, build_layout
+from .scheduler import Request, Scheduler
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    # bf16 is fast on GPUs and several times slower than fp32 on CPUs without AVX512-BF16.
+    return torch.bfloat16 if device in ("cuda", "mps") else torch.float32
+
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    url = None  # in-process
+    up = True
+
+    def __init__(self, loaded: LoadedModel, *, max_tokens: int = 256, max_batch_rows: int = 64,
+                 cuda_graphs: bool | None = None, full_windows: bool | None = None, warmup: bool = True):
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.special = loaded.special
+        self.config = loaded.model.config
+        self.device = loaded.model.lm_head.weight.device
+        self.name = loaded.name + (" (random weights)" if loaded.random_weights else "")
+        self.max_tokens = max_tokens
+        self.max_batch_rows = max_batch_rows
+        # A greedy request stepping alone replays its steps as CUDA graphs (see graphs.py);
+        # graphs need static shapes, so each step then feeds the whole middle (full windows)
+        # rather than only the masked positions.
+        cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.runner = StepRunner(loaded, cuda_graphs=cuda_graphs,
+                                 full_windows=cuda_graphs if full_windows is None else full_windows)
+        self.scheduler = Scheduler(max_batch_rows)
+        self._ids = itertools.count(1)
+        # For monitoring: scheduler steps run (each a denoising step of every request in it),
+        # and the most requests one step served.
+        self.stats = {"steps": 0, "max_batch_requests": 0}
+        self.on_step: Callable[[int], None] | None = None  # called with each step's request count
+        self._worker = threading.Thread(target=self._serve, name="lacuna-engine", daemon=True)
+        self._worker.start()
+        atexit.register(self.close)  # the worker must not be running torch code at interpreter exit
+        if warmup:
+            self.complete("def f(", "):\n    pass\n", min(4, max_tokens))
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, device: str | None = None,
+             dtype: torch.dtype | None = None, **kwargs) -> Engine:
+        """Load `model_dir`, or with none the bundled model; without that (a source tree without
+        its weights), a tiny random-weight model whose output is noise."""
+        device = device or default_device()
+        dtype = dtype or default_dtype(device)
+        if model_dir is None and not (BUNDLED_DIR / "config.json").exists():
+            log.warning("no model given and the bundled model is missing (%s): using a tiny random-weight model, "
+                        "whose completions are noise (give a checkpoint directory)", BUNDLED_DIR)
+            return cls(random_model("tiny", device=device, dtype=dtype), **kwargs)
+        return cls(load_checkpoint(model_dir or BUNDLED_DIR, device=device, dtype=dtype), **kwargs)
+
+    # -- the API callers use, from any thread -------------------------------------------
+
+    def submit(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> Request:
+        """Queue an infill of `n_tokens` masks between `prefix` and `suffix` (see submit_ids)."""
+        return self.submit_ids(self.encode(prefix), self.encode(suffix), n_tokens, **kwargs)
+
+    def submit_ids(self, prefix: list[int], suffix: list[int], n_tokens: int, *,
+                   options: DecodeOptions = DecodeOptions(), n: int = 1,
+                   time_budget: float | None = None) -> Request:
+        """Queue an infill between token ids, `n` candidates, answered within `time_budget` s."""
+        if not 1 <= n_tokens <= self.max_tokens:
+            raise ValueError(f"n_tokens must be between 1 and {self.max_tokens}, not {n_tokens}")
+        if not 1 <= n <= self.max_batch_rows:
+            raise ValueError(f"n must be between 1 and {self.max_batch_rows}, not {n}")
+        if not self._worker.is_alive():
+            raise EngineError("the engine is closed")
+        family = self.config.family
+        layout = build_layout(
+            prefix, suffix, n_tokens,
+            mask=self.special.mask, bos=self.special.bos, eos=self.special.eos,
+            eos_after_suffix=family.eos_after_suffix, shifted=family.logit_shift == 1,
+            max_len=self.config.max_position_embeddings,
+        )
+        generator = None
+        if options.temperature > 0:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+        denoiser = Denoiser(layout, n, options, stop_ids=(self.special.eos, self.special.pad),
+                            pad=self.special.pad, mask=self.special.mask, device=self.device, generator=generator)
+        deadline = time.monotonic() + time_budget if time_budget is not None else None
+        request = Request(next(self._ids), denoiser, n, deadline)
+        self.scheduler.add(request)
+        return request
+
+    def complete(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> list[Completion]:
+        return self.submit(prefix, suffix, n_tokens, **kwargs).result()
+
+    async def infill(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> list[Completion]:
+        """`submit` for asyncio callers: cancelling the awaiting task cancels the engine's work."""
+        # Tokenizing a long context takes a millisecond or more: not on the event loop.
+        submitted = asyncio.ensure_future(asyncio.to_thread(self.submit, prefix, suffix, n_tokens, **kwargs))
+        try:
+            request = await asyncio.shield(submitted)
+        except asyncio.CancelledError:  # cancelled while submitting: stop the work all the same
+            submitted.add_done_callback(lambda done: done.exception() or done.result().cancel())
+            raise
+        try:
+            return await asyncio.wrap_future(request.future)
+        except asyncio.CancelledError:
+            request.cancel()
+            raise
+
+    @property
+    def capacity(self) -> Capacity:
+        family = self.config.family
+        # The layout's lead is BOS (or, for a shifted model without one, EOS before an empty prefix).
+        lead = 1 if self.special.bos is not None or family.logit_shift else 0
+        return Capacity(self.max_tokens, self.config.max_position_embeddings,
+                        lead + int(family.eos_after_suffix))
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or being denoised."""
+        return len(self.scheduler.requests)
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates (undecodable bytes a client passed on): U+FFFD instead
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def close(self) -> None:
+        """Stop the worker; requests still queued or running fail with EngineError."""
+        if self._worker.is_alive():
+            self.scheduler.close()
+            self._worker.join(timeout=30)
+        atexit.unregister(self.close)
+
+    # -- the worker thread --------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while self.scheduler.receive():
+            self._retire()
+            batch = self.scheduler.batch()
+            if not batch:
+                continue
+            self.stats["steps"] += 1
+            self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], len(batch))
+            if self.on_step is not None:
+                self.on_step(len(batch))
+            try:
+                failed = self.runner.step(batch)
+            except Exception as err:  # e.g. out of memory: fail this batch, keep serving
+                self.runner.reset()
+                failed = [(request, EngineError(f"infill failed: {err}")) for request in batch]
+            for request, error in failed:
+                self._resolve(request, error=error)
+            self._retire()
+        for request in self.scheduler.drain():
+            if not request.future.done():  # not cancelled through an asyncio wrapper meanwhile
+                self._resolve(request, error=EngineError("the engine is closed"))
+
+    def _retire(self) -> None:
+        for request, why in self.scheduler.retire():
+            if why == "cancelled":
+                request.future.cancel()
+            elif why in ("done", "budget"):
+                self._resolve(request, partial=why == "budget")
+            self.runner.forget(request.id)
+
+    def _resolve(self, request: Request, partial: bool = False, error: Exception | None = None) -> None:
+        """Set the request's answer (its completions, or `error`) and drop its context cache."""
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            den = request.denoiser
+            completions = []
+            for ids, conf in den.result_rows(partial=partial):
+                if partial:
+                    reason = "budget"
+                else:
+                    reason = "length" if len(ids) == den.end - den.start else "stop"
+                text = self.tokenizer.decode(ids, skip_special_tokens=False)
+                context = den.x.shape[1] - (den.end - den.start)
+                completions.append(Completion(text, ids, conf, den.steps, reason, context))
+            request.future.set_result(completions)
+        self.runner.forget(request.id)
