@@ -64,6 +64,8 @@ def run(out_dir: str | Path, corpus_dirs: Sequence[str | Path], *, config: str =
         eval_tasks: int = 300, site_packages: bool = False, device: str | None = None, batch_size: int = 32,
         seq_len: int = 1024, lr: float = 1e-3, tokenizer: str | Path = BUNDLED_DIR / "tokenizer.json",
         save_every_minutes: float = 1.0, work_dir: str | Path | None = None) -> dict:
+    """The whole job; returns the report it writes to `out_dir/report.json`. The training state and
+    the full loss log stay in `work_dir` (a temporary directory by default)."""
     started = time.time()
     out_dir = Path(out_dir)
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="lacuna-gpu-job-"))
@@ -76,7 +78,9 @@ def run(out_dir: str | Path, corpus_dirs: Sequence[str | Path], *, config: str =
             corpora.append(work / "site-packages")
     stats = train_model(corpora, tokenizer, work / "run", config=PRESETS[config],
                         minutes=minutes, batch_size=batch_size, seq_len=seq_len, lr=lr, device=device,
-                        compile_model=(device or "cuda") == "cuda", save_every_minutes=save_every_minutes,
+                        # No torch.compile: forked processes building the rows hold the step back
+                        # more than the model's kernels, and a compile failure would cost the run.
+                        save_every_minutes=save_every_minutes,
                         save_every_steps=None, state_dir=work / "train-state",
                         on_release=lambda model_dir: _copy_release(model_dir, out_dir))
     report = {"train": stats, "seconds_to_release": round(time.time() - started, 1)}

@@ -1,8 +1,9 @@
 """The training objective: rows shaped like the engine's requests, the noise, and the loss.
 
-The masked-diffusion objective of LLaDA/MDLM plus an infilling curriculum laid out exactly as the
-engine asks (`[BOS] prefix MASK*N suffix [EOS]`, the middle followed by a tail of pad tokens), with
-holes where the language server's own span rules would ask for a completion.
+Masked diffusion (the mean cross-entropy of masked tokens) over rows of code with holes where the
+language server's own span rules would ask for a completion, each laid out as the engine lays out
+a request's middle (`[BOS] prefix MASK*N suffix [EOS]`: the middle, then a tail of pad tokens), and
+over plain rows masked at low rates.
 """
 
 from __future__ import annotations
