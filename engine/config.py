@@ -141,7 +141,7 @@ PRESETS = {
     "bundled": ModelConfig("qwen2", vocab_size=12288, hidden_size=512, intermediate_size=1408, num_layers=8,
                            num_heads=8, num_kv_heads=4, head_dim=64, max_position_embeddings=1024,
                            rope_theta=10000.0, qkv_bias=True, tie_embeddings=True),
-    # The default trained on 2 CPU cores while no GPU is available: ~6.2M parameters (3.1M of them
+    # What 2 CPU cores can train while no GPU is available: ~6.3M parameters (3.1M of them
     # the embedding), about 2,000 tokens/s to train there. 256 positions: the server fits its context
     # to them (about 1,000 characters around the cursor), and rows of 256 tokens let a weak model find
     # its neighbours sooner than rows of 512 (the first CPU runs at 512 stayed at the unigram level).
