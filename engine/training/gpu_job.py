@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..config import PRESETS
 from ..loader import BUNDLED_DIR
-from .corpus import build_corpus
+from .corpus import _canonical, build_corpus
 from .train import train_model
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,8 @@ def _installed_not_in(corpus_dirs: Sequence[Path]) -> list[str]:
     for directory in corpus_dirs:
         with_sources = Path(directory) / "sources.json"
         if with_sources.exists():
-            carried |= {s["name"].lower() for s in json.loads(with_sources.read_text())}
-    names = {(d.metadata.get("Name") or "").lower() for d in importlib.metadata.distributions()}
+            carried |= {_canonical(s["name"]) for s in json.loads(with_sources.read_text())}
+    names = {_canonical(d.metadata.get("Name") or "") for d in importlib.metadata.distributions()}
     return sorted(n for n in names if n and n not in carried)
 
 

@@ -72,12 +72,12 @@ def masked_accuracy(model: Transformer, texts: list[str], tokenizer: Tokenizer, 
     device = model.lm_head.weight.device
     sampler = ExampleSampler(texts, tokenizer, special, model.config.family, seq_len, holes_share=0.0,
                              plain_max_rate=1.0)
+    batches = [sampler.batch(chunk, 8) for chunk in range(0, rows, 8)]  # the same text at every rate
     report = {}
     for rate in rates:
         right, ce_sum, count = 0, 0.0, 0
-        for chunk in range(0, rows, 8):
-            batch = sampler.batch(chunk, 8)
-            noisy, masked = add_noise(batch, torch.Generator().manual_seed(chunk), special.mask, eps=rate,
+        for chunk, batch in enumerate(batches):
+            noisy, masked = add_noise(batch, torch.Generator().manual_seed(8 * chunk), special.mask, eps=rate,
                                       t=torch.zeros(8))
             batch = batch.to(device)
             hidden = hidden_states(model, noisy.to(device), batch.attn)
