@@ -15,20 +15,46 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Family:
-    """What differs between open masked-diffusion model families beyond the architecture."""
+    """What differs between open masked-diffusion model families beyond the architecture: the
+    logit shift and the infill layout `[BOS] prefix MASK*N suffix [EOS]` each was trained with."""
 
-    style: str  # "llama" or "qwen2": decides QKV bias defaults and weight names
+    style: str  # "llama" or "qwen2": decides QKV bias defaults
     logit_shift: int  # 1: position i-1 predicts token i (Dream family); 0: position i (LLaDA)
-    eos_after_suffix: bool  # whether the infill layout closes the suffix with EOS
+    bos: bool  # whether the layout starts with the BOS token
+    eos_after_suffix: bool  # whether the layout closes the suffix with EOS
+    mask_tokens: tuple[str, ...] = ()  # the family's mask token, found by name when no config gives its id
+    mask_hint: str = "set mask_token_id in config.json"  # where the family's checkpoints name the mask
+    stop_tokens: tuple[str, ...] = ()  # tokens besides EOS and pad that end an answer
 
 
-# model_type in config.json -> family. Dream, Dream-Coder, DiffuCoder and Open-dCoder are
-# Qwen2 networks trained with shifted logits; LLaDA is Llama-like and unshifted.
+# model_type in config.json -> family. Where each fact was read: tests/published.py.
 FAMILIES = {
-    "llama": Family("llama", logit_shift=0, eos_after_suffix=False),
-    "llada": Family("llama", logit_shift=0, eos_after_suffix=False),
-    "qwen2": Family("qwen2", logit_shift=1, eos_after_suffix=True),
-    "dream": Family("qwen2", logit_shift=1, eos_after_suffix=True),
+    # Dream-v0, Dream-Coder, DiffuCoder, DreamOn ("Dream"): Qwen2.5 networks, shifted logits; DreamOn's
+    # infilling layout is [BOS] prefix masks suffix [EOS].
+    "dream": Family("qwen2", 1, bos=True, eos_after_suffix=True, mask_tokens=("<|mask|>",),
+                    mask_hint="Dream-family checkpoints give mask_token_id in config.json (<|mask|>, 151666)"),
+    # Open-dCoder: a Qwen2 checkpoint, shifted logits; its infill evaluation feeds prefix masks
+    # suffix with no BOS or EOS, and its mask `<M>` exists only as an added token.
+    "qwen2": Family("qwen2", 1, bos=False, eos_after_suffix=False, mask_tokens=("<M>", "<|mask|>"),
+                    mask_hint="Open-dCoder adds <M> to the tokenizer (151665)"),
+    # LLaDA: Llama blocks under OLMo names (see `_llada_keys`), logits not shifted.
+    "llada": Family("llama", 0, bos=True, eos_after_suffix=False, mask_tokens=("<|mdm_mask|>",),
+                    mask_hint="LLaDA checkpoints give mask_token_id in config.json (<|mdm_mask|>, 126336)",
+                    stop_tokens=("<|eot_id|>",)),
+    "llama": Family("llama", 0, bos=True, eos_after_suffix=False),
+    # Lacuna's own models (engine/bundled): Qwen2 blocks, shifted, [BOS] prefix masks suffix [EOS].
+    "lacuna": Family("qwen2", 1, bos=True, eos_after_suffix=True),
+}
+
+# Open diffusion coders whose layout is known and that this engine cannot run, by model_type.
+BLOCK_DIFFUSION = "a block-diffusion model: it decodes block by block with block-causal attention and a per-block " \
+                  "KV cache, which this engine (one masked span, bidirectional) does not do"
+UNSUPPORTED = {
+    "fast_dllm_qwen": f"Fast-dLLM v2 is {BLOCK_DIFFUSION}",
+    "sdar": f"SDAR is {BLOCK_DIFFUSION}",
+    "sdar_moe": f"SDAR-MoE is {BLOCK_DIFFUSION}",
+    "coda": "CoDA's Qwen3 layers normalise queries and keys (q_norm, k_norm), which this engine's model lacks",
+    "lladamoe": "LLaDA-MoE is a mixture of experts, which this engine's model lacks",
 }
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -66,6 +92,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, cfg: dict) -> ModelConfig:
         model_type = str(cfg.get("model_type", "")).lower()
+        if model_type == "llada" and "num_experts" in cfg:  # LLaDA-MoE's config says "llada" too
+            model_type = "lladamoe"
+        if model_type in UNSUPPORTED:
+            raise CheckpointError(f"unsupported model: {UNSUPPORTED[model_type]}")
+        if model_type == "llada" and "d_model" in cfg:
+            cfg = _llada_keys(cfg)
         if model_type not in FAMILIES:
             raise CheckpointError(
                 f"unsupported architecture: model_type {model_type!r} "
@@ -124,28 +156,61 @@ class ModelConfig:
         }
 
 
+# LLaDA's config.json (OLMo style) -> (key, the value this engine's Llama blocks need, what the
+# published LLaDA-8B config says, with OLMo's default when the key is absent).
+LLADA_REQUIRED = [("block_type", "llama", "sequential"), ("layer_norm_type", "rms", "default"),
+                  ("activation_type", "silu", "swiglu"), ("rope", True, False), ("alibi", False, False),
+                  ("include_bias", False, False), ("include_qkv_bias", False, False),
+                  ("bias_for_layer_norm", False, None), ("attention_layer_norm", False, False),
+                  ("scale_logits", False, False), ("input_emb_norm", False, False)]
+
+
+def _llada_keys(cfg: dict) -> dict:
+    """LLaDA's OLMo-style config.json in the Hugging Face Llama keys `from_hf` reads. Names and
+    defaults follow LLaDA's configuration_llada.py; the embedding has `embedding_size` rows."""
+    for key, needed, default in LLADA_REQUIRED:
+        value = cfg.get(key, default)
+        if (value or False) != needed:
+            raise CheckpointError(f"unsupported LLaDA config: {key} is {value!r}, this engine needs {needed!r}")
+    try:
+        d_model, heads = int(cfg["d_model"]), int(cfg["n_heads"])
+        return {**cfg,
+                "hidden_size": d_model,
+                "num_hidden_layers": cfg["n_layers"],
+                "num_attention_heads": heads,
+                "num_key_value_heads": cfg.get("n_kv_heads") or heads,
+                "intermediate_size": cfg.get("mlp_hidden_size") or cfg.get("mlp_ratio", 4) * d_model,
+                "vocab_size": cfg.get("embedding_size") or cfg["vocab_size"],
+                "max_position_embeddings": cfg["max_sequence_length"],
+                "rms_norm_eps": cfg.get("rms_norm_eps", 1e-5),
+                "rope_theta": cfg.get("rope_theta", 10000.0),
+                "tie_word_embeddings": cfg.get("weight_tying", True)}
+    except KeyError as missing:
+        raise CheckpointError(f"config.json (LLaDA) lacks the key {missing.args[0]!r}") from None
+
+
 # Every model shape by name: `lacuna bench --shape` builds random weights of one, `lacuna train
 # model --config` trains one.
 PRESETS = {
     # For tests and quick benchmarks: a CPU runs and trains it in milliseconds a step.
-    "tiny": ModelConfig("qwen2", 512, 128, 352, 2, 4, 2, 32, 4096, qkv_bias=True, tie_embeddings=True),
+    "tiny": ModelConfig("lacuna", 512, 128, 352, 2, 4, 2, 32, 4096, qkv_bias=True, tie_embeddings=True),
     # Qwen2.5-0.5B / Qwen2.5-Coder-0.5B: the shape of Open-dCoder-0.5B.
     "0.5b": ModelConfig("qwen2", 151936, 896, 4864, 24, 14, 2, 64, 32768, rope_theta=1e6,
                         qkv_bias=True, tie_embeddings=True),
     # Qwen2.5-7B: the shape of Dream-v0-7B, Dream-Coder-7B and DiffuCoder-7B.
-    "7b": ModelConfig("qwen2", 152064, 3584, 18944, 28, 28, 4, 128, 131072, rope_theta=1e6,
+    "7b": ModelConfig("dream", 152064, 3584, 18944, 28, 28, 4, 128, 131072, rope_theta=1e6,
                       qkv_bias=True),
     # The bundled model: ~29.9M parameters, 59.8 MB in fp16 with tied embeddings (under 64 MB with
     # its tokenizer). Qwen2 style (shifted logits, QKV bias), as Dream and DiffuCoder; 1024 positions
     # cover the server's default context (512 prefix tokens, the suffix, a 64-token block).
-    "bundled": ModelConfig("qwen2", vocab_size=12288, hidden_size=512, intermediate_size=1408, num_layers=8,
+    "bundled": ModelConfig("lacuna", vocab_size=12288, hidden_size=512, intermediate_size=1408, num_layers=8,
                            num_heads=8, num_kv_heads=4, head_dim=64, max_position_embeddings=1024,
                            rope_theta=10000.0, qkv_bias=True, tie_embeddings=True),
     # What 2 CPU cores can train while no GPU is available: ~6.3M parameters (3.1M of them
     # the embedding), about 2,000 tokens/s to train there. 256 positions: the server fits its context
     # to them (about 1,000 characters around the cursor), and rows of 256 tokens let a weak model find
     # its neighbours sooner than rows of 512 (the first CPU runs at 512 stayed at the unigram level).
-    "cpu": ModelConfig("qwen2", vocab_size=12288, hidden_size=256, intermediate_size=768, num_layers=4,
+    "cpu": ModelConfig("lacuna", vocab_size=12288, hidden_size=256, intermediate_size=768, num_layers=4,
                        num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=256,
                        rope_theta=10000.0, qkv_bias=True, tie_embeddings=True),
 }

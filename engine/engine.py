@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from .api import Capacity, Completion, DecodeOptions, EngineError
+from .catalog import resolve
 from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, random_model
 from .runner import StepRunner
-from .sampler import Denoiser, build_layout
+from .sampler import Denoiser, Layout, build_layout
 from .scheduler import Request, Scheduler
 
 
@@ -85,7 +86,8 @@ class Engine:
             log.warning("no model given and the bundled model is missing (%s): using a tiny random-weight model, "
                         "whose completions are noise (give a checkpoint directory)", BUNDLED_DIR)
             return cls(random_model("tiny", device=device, dtype=dtype), **kwargs)
-        return cls(load_checkpoint(model_dir or BUNDLED_DIR, device=device, dtype=dtype), **kwargs)
+        model_dir = BUNDLED_DIR if model_dir is None else resolve(str(model_dir))
+        return cls(load_checkpoint(model_dir, device=device, dtype=dtype), **kwargs)
 
     # -- the API callers use, from any thread -------------------------------------------
 
@@ -103,23 +105,23 @@ class Engine:
             raise ValueError(f"n must be between 1 and {self.max_batch_rows}, not {n}")
         if not self._worker.is_alive():
             raise EngineError("the engine is closed")
-        family = self.config.family
-        layout = build_layout(
-            prefix, suffix, n_tokens,
-            mask=self.special.mask, bos=self.special.bos, eos=self.special.eos,
-            eos_after_suffix=family.eos_after_suffix, shifted=family.logit_shift == 1,
-            max_len=self.config.max_position_embeddings,
-        )
+        layout = self.layout(prefix, suffix, n_tokens)
         generator = None
         if options.temperature > 0:
             generator = torch.Generator(self.device)
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
-        denoiser = Denoiser(layout, n, options, stop_ids=(self.special.eos, self.special.pad),
-                            pad=self.special.pad, mask=self.special.mask, device=self.device, generator=generator)
+        denoiser = Denoiser(layout, n, options, self.special, device=self.device, generator=generator)
         deadline = time.monotonic() + time_budget if time_budget is not None else None
         request = Request(next(self._ids), denoiser, n, deadline)
         self.scheduler.add(request)
         return request
+
+    def layout(self, prefix: list[int], suffix: list[int], n_tokens: int) -> Layout:
+        """The model's input for an infill, as its family was trained: `[BOS] prefix MASK*N suffix [EOS]`."""
+        family = self.config.family
+        return build_layout(prefix, suffix, n_tokens, mask=self.special.mask, bos=self.special.bos,
+                            eos=self.special.eos, eos_after_suffix=family.eos_after_suffix,
+                            shifted=family.logit_shift == 1, max_len=self.config.max_position_embeddings)
 
     def complete(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> list[Completion]:
         return self.submit(prefix, suffix, n_tokens, **kwargs).result()

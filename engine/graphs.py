@@ -61,9 +61,7 @@ class StepGraph:
         self.cache = model.new_cache(rows, slots)
         self.attn_mask = torch.zeros(rows, 1, 1, slots, dtype=torch.bool, device=device)
         self.positions = torch.zeros(rows, width, dtype=torch.long, device=device)
-        self.state = Denoiser(Layout([special.mask] * width, shift, width), rows, options,
-                              stop_ids=(special.eos, special.pad), pad=special.pad, mask=special.mask,
-                              device=device)
+        self.state = Denoiser(Layout([special.mask] * width, shift, width), rows, options, special, device=device)
         self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
         self.steps_run = torch.zeros((), dtype=torch.long, device=device)
         self.owner: int | None = None  # the id of the request whose keys are in the cache

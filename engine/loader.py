@@ -8,6 +8,8 @@ and `generation_config.json`, from which the mask, pad, EOS and BOS ids are read
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +18,28 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from .config import PRESETS, CheckpointError, ModelConfig
+from .config import PRESETS, CheckpointError, Family, ModelConfig
 from .model import Transformer, rope_inv_freq
 
+log = logging.getLogger(__name__)
+
 MASK_TOKEN, EOS_TOKEN, BOS_TOKEN = "<|mask|>", "<|endoftext|>", "<|beginoftext|>"
+# DreamOn grows an infill with this token (one becomes two masks); this engine fills a fixed span.
+EXPAND_TOKEN = "<|expand|>"
+# LLaDA's published weight names (OLMo style, in LLaDA's modeling_llada.py) -> this engine's.
+# ff_proj is the SwiGLU gate, up_proj the linear half, a block's ff_out the down projection.
+LLADA_NAMES = [(re.compile(pattern), target) for pattern, target in [
+    (r"model\.transformer\.wte\.weight", "model.embed_tokens.weight"),
+    (r"model\.transformer\.ln_f\.weight", "model.norm.weight"),
+    (r"model\.transformer\.ff_out\.weight", "lm_head.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.([qkv])_proj\.weight", r"model.layers.\1.self_attn.\2_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.attn_out\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_proj\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.up_proj\.weight", r"model.layers.\1.mlp.up_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_out\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+]]
 # The model Lacuna ships (package data; its model card is README.md there), loaded by default.
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 
@@ -29,7 +49,13 @@ class SpecialIds:
     mask: int
     eos: int
     pad: int
-    bos: int | None
+    bos: int | None  # the BOS the infill layout starts with; None where the family's has none
+    stops: tuple[int, ...] = ()  # more ids that end an infill (DiffuCoder's <|dlm_pad|>)
+    banned: tuple[int, ...] = ()  # ids never predicted besides the mask (DreamOn's expand, unused rows)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys((self.eos, self.pad, *self.stops)))
 
 
 @dataclass
@@ -68,36 +94,47 @@ def _first_id(*values) -> int | None:
     return None
 
 
-def _special_ids(tokenizer: Tokenizer, config: dict, generation: dict, tok_config: dict) -> SpecialIds:
+def _special_ids(tokenizer: Tokenizer, family: Family, config: dict, generation: dict,
+                 tok_config: dict) -> SpecialIds:
     def find(name: str) -> int | None:
         key = f"{name}_token_id"
         return _first_id(config.get(key), generation.get(key), _token_id(tokenizer, tok_config.get(f"{name}_token")))
 
-    mask = find("mask")
+    mask = _first_id(find("mask"), *(tokenizer.token_to_id(token) for token in family.mask_tokens))
     if mask is None:
-        raise CheckpointError(
-            "no mask token: set mask_token_id in config.json or generation_config.json, "
-            "or mask_token in tokenizer_config.json"
-        )
+        raise CheckpointError(f"no mask token: {family.mask_hint}, or name it as mask_token in tokenizer_config.json")
     eos = find("eos")
     if eos is None:
         raise CheckpointError("no EOS token: set eos_token_id in config.json or generation_config.json")
     pad = find("pad")
-    return SpecialIds(mask=mask, eos=eos, pad=eos if pad is None else pad, bos=find("bos"))
+    # A tokenizer's own EOS or pad that the config does not name, or the family's end of a turn,
+    # also ends an infill.
+    stops = [_token_id(tokenizer, tok_config.get(k)) for k in ("eos_token", "pad_token")]
+    stops = tuple(i for i in stops + [tokenizer.token_to_id(t) for t in family.stop_tokens] if i is not None)
+    expand = tokenizer.token_to_id(EXPAND_TOKEN)
+    if expand is not None:
+        log.warning("%s: DreamOn's expand token is never predicted; infills have the length the server asks for, "
+                    "and an EOS inside one ends it (DreamOn's delete)", EXPAND_TOKEN)
+    return SpecialIds(mask=mask, eos=eos, pad=eos if pad is None else pad, bos=find("bos") if family.bos else None,
+                      stops=stops, banned=() if expand is None else (expand,))
 
 
 def _check_ids_fit(tokenizer: Tokenizer, special: SpecialIds, rows: int) -> None:
     """A tokenizer or special id beyond the embedding would fail every request ("index out of
     range"): refuse the checkpoint at load instead."""
-    for name in ("mask", "eos", "pad", "bos"):
-        value = getattr(special, name)
+    named = [(name, getattr(special, name)) for name in ("mask", "eos", "pad", "bos")]
+    for name, value in named + [("stop", i) for i in special.stops] + [("expand", i) for i in special.banned]:
         if value is not None and not 0 <= value < rows:
             raise CheckpointError(f"the {name} token id {value} lies outside the model's {rows} embedding rows "
                                   "(vocab_size in config.json)")
-    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    largest = _tokenizer_rows(tokenizer) - 1
     if largest >= rows:
         raise CheckpointError(f"tokenizer.json has token ids up to {largest}, beyond the model's {rows} embedding "
                               "rows (vocab_size in config.json): the tokenizer does not belong to this model")
+
+
+def _tokenizer_rows(tokenizer: Tokenizer) -> int:
+    return max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -124,6 +161,17 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def _rename_llada(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for name, tensor in weights.items():
+        for pattern, target in LLADA_NAMES:
+            if pattern.fullmatch(name):
+                name = pattern.sub(target, name)
+                break
+        renamed[name] = tensor
+    return renamed
+
+
 def load_checkpoint(directory: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a checkpoint directory, or raise CheckpointError naming the missing or bad part."""
     directory = Path(directory)
@@ -138,12 +186,16 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", dtype: torch.dty
     except Exception as err:  # tokenizers raises plain Exception on a bad file
         raise CheckpointError(f"tokenizer.json is corrupt: {err}") from None
     special = _special_ids(
-        tokenizer, hf_config,
+        tokenizer, config.family, hf_config,
         _read_json(directory / "generation_config.json", required=False),
         _read_json(directory / "tokenizer_config.json", required=False),
     )
     _check_ids_fit(tokenizer, special, config.vocab_size)
+    # Rows the tokenizer never produces (an embedding padded for speed) are never predicted either.
+    special.banned += tuple(range(_tokenizer_rows(tokenizer), config.vocab_size))
     weights = _read_weights(directory)
+    if any(name.startswith("model.transformer.") for name in weights):
+        weights = _rename_llada(weights)
     with torch.device("meta"):
         model = Transformer(config)
     expected = set(model.state_dict())

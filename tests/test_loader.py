@@ -18,7 +18,7 @@ def logits(loaded, ids):
         return model.logits(model(ids, torch.arange(ids.shape[1])[None], model.new_cache(1, ids.shape[1])))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llada"])
+@pytest.mark.parametrize("family", ["lacuna", "llada"])
 def test_roundtrip_gives_the_same_model(checkpoints, family):
     loaded = load_checkpoint(checkpoints[family])
     assert loaded.model.config.model_type == family
@@ -64,7 +64,7 @@ def test_loads_a_transformers_checkpoint(tmp_path):
 @pytest.fixture
 def broken(checkpoints, tmp_path):
     directory = tmp_path / "ckpt"
-    shutil.copytree(checkpoints["qwen2"], directory)
+    shutil.copytree(checkpoints["lacuna"], directory)
     return directory
 
 

@@ -37,12 +37,12 @@ def test_cached_sampler_returns_a_full_infill(family_engine):
     assert completion.finish_reason in ("stop", "length")
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llada"])
+@pytest.mark.parametrize("family", ["lacuna", "llada"])
 def test_logit_shift_per_family_against_transformers(checkpoints, family):
     """One masked token, decoded greedily, is transformers' argmax at the family's position."""
     loaded = load_checkpoint(checkpoints[family])
     config = loaded.model.config.to_hf()
-    hf_cls, cfg_cls = (Qwen2ForCausalLM, Qwen2Config) if family == "qwen2" else (LlamaForCausalLM, LlamaConfig)
+    hf_cls, cfg_cls = (Qwen2ForCausalLM, Qwen2Config) if family == "lacuna" else (LlamaForCausalLM, LlamaConfig)
     hf_config = cfg_cls(**{k: v for k, v in config.items() if k != "model_type"})
     hf = hf_cls._from_config(hf_config, dtype=torch.float32).eval()
     hf.load_state_dict(loaded.model.state_dict(), strict=False)
@@ -53,13 +53,13 @@ def test_logit_shift_per_family_against_transformers(checkpoints, family):
         engine.close()
     ids = engine.encode(PREFIX)
     tokens = [loaded.special.bos] + ids + [loaded.special.mask] + engine.encode(SUFFIX)
-    if family == "qwen2":
-        tokens.append(loaded.special.eos)  # the Dream family closes the suffix with EOS
+    if family == "lacuna":
+        tokens.append(loaded.special.eos)  # Lacuna's models, like DreamOn, close the suffix with EOS
     start = 1 + len(ids)
     with torch.no_grad():
         logits = hf(input_ids=torch.tensor([tokens]), attention_mask=torch.zeros(1, 1, len(tokens), len(tokens))).logits
-    row = logits[0, start - 1 if family == "qwen2" else start]
-    row[loaded.special.mask] = -torch.inf
+    row = logits[0, start - 1 if family == "lacuna" else start]
+    row[[loaded.special.mask, *loaded.special.banned]] = -torch.inf
     expected = int(row.argmax())
     if expected in (loaded.special.eos, loaded.special.pad):
         assert completion.token_ids == [] and completion.finish_reason == "stop"

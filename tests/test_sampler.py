@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from engine.api import DecodeOptions, EngineError
+from engine.loader import SpecialIds
 from engine.sampler import Denoiser, build_layout, top_p_filter, transfer_schedule
 
 MASK, EOS, BOS, PAD = 9, 8, 7, 8
 VOCAB = 10
+SPECIAL = SpecialIds(mask=MASK, eos=EOS, pad=PAD, bos=BOS)
 
 
 def layout(prefix=(1, 2), suffix=(3,), n=4, **kw):
@@ -56,8 +58,7 @@ def logits_for(rows):
 
 
 def denoiser(n=4, **options):
-    return Denoiser(layout(n=n), 1, DecodeOptions(**options), stop_ids=(EOS, PAD), pad=PAD, mask=MASK,
-                    device="cpu")
+    return Denoiser(layout(n=n), 1, DecodeOptions(**options), SPECIAL, device="cpu")
 
 
 def step(den, rows):
@@ -145,8 +146,8 @@ def test_top_p_keeps_the_smallest_sufficient_set():
 def test_temperature_sampling_is_seeded():
     def draw(seed):
         gen = torch.Generator().manual_seed(seed)
-        den = Denoiser(layout(n=6), 2, DecodeOptions(temperature=1.0, top_p=0.9), stop_ids=(EOS, PAD),
-                       pad=PAD, mask=MASK, device="cpu", generator=gen)
+        den = Denoiser(layout(n=6), 2, DecodeOptions(temperature=1.0, top_p=0.9), SPECIAL, device="cpu",
+                       generator=gen)
         flat = torch.zeros(2, 6, VOCAB)
         den.update(flat, torch.arange(6))
         return den.middle.tolist()

@@ -233,7 +233,7 @@ async def status(client):
 @pytest.fixture(scope="module")
 def random_command(checkpoints):
     """A server whose model has random weights: low confidence, one token a step, so slow."""
-    return command("--model", str(checkpoints["qwen2"]))
+    return command("--model", str(checkpoints["lacuna"]))
 
 
 async def test_cancel_request_reaches_the_engine(random_command):

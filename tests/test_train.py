@@ -292,7 +292,7 @@ def test_vocab_size_is_checked(corpus, tmp_path):
 
 # -- examples and the loss ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("model_type", ["qwen2", "llada"])
+@pytest.mark.parametrize("model_type", ["lacuna", "llada"])
 def test_a_row_with_one_hole_is_the_engine_layout(corpus, model_type):
     tokenizer = Tokenizer.from_file(str(corpus[1]))
     special, family = special_ids(tokenizer), FAMILIES[model_type]
@@ -300,7 +300,7 @@ def test_a_row_with_one_hole_is_the_engine_layout(corpus, model_type):
     prefix, middle, suffix = [10, 11, 12], [20, 21], [30, 31]
     tokens, maskable, _ = sampler._assemble_holes({"masks": [5]}, [prefix, middle, suffix])
     pad, eos = special.pad, special.eos
-    expected = [special.bos, 10, 11, 12, 20, 21, pad, pad, pad, 30, 31] + ([eos] if model_type == "qwen2" else [])
+    expected = [special.bos, 10, 11, 12, 20, 21, pad, pad, pad, 30, 31] + ([eos] if model_type == "lacuna" else [])
     assert tokens == expected
     assert [i for i, m in enumerate(maskable) if m] == [4, 5, 6, 7, 8]
     # Fully noised (t = 1), the row is exactly what the engine feeds for this request.

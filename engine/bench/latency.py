@@ -21,6 +21,7 @@ import time
 import torch
 
 from ..api import DecodeOptions
+from ..catalog import resolve
 from ..config import PRESETS
 from ..engine import Engine, default_device, default_dtype
 from ..graphs import GRAPH_CHUNK, Replay
@@ -187,7 +188,7 @@ def main(*, model_dir: str | None, shape: str | None, device: str | None, dtype:
             print(f"lacuna bench: the {shape} shape needs {needed / 1e9:.0f} GB of weights here and this "
                   f"machine has {memory / 1e9:.0f} GB: use a GPU (--device cuda)", file=sys.stderr)
             return 2
-    loaded = (load_checkpoint(model_dir, device, torch_dtype) if model_dir
+    loaded = (load_checkpoint(resolve(model_dir), device, torch_dtype) if model_dir
               else random_model(shape, device, torch_dtype))
     engine = Engine(loaded, max_tokens=128)
     if quick:

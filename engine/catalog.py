@@ -1,0 +1,138 @@
+"""Known open diffusion coders by short name, fetched from the Hugging Face hub.
+
+`lacuna pull NAME` downloads a model's safetensors and JSON files into the hub cache, never
+pickled weights and never code; `--model NAME` then resolves to that cached directory. Every
+setting a hub client honours applies: HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and
+HF_TOKEN. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import CheckpointError
+
+# What a checkpoint directory needs (loader.py): weights, configs and the tokenizer. Pickled
+# weights (.bin, .pt) and Python files (modeling_*.py) are never fetched.
+ALLOW_PATTERNS = ["*.safetensors", "*.json", "LICENSE*", "README.md"]
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    repo: str
+    family: str  # as the loader names it (engine.config.FAMILIES)
+    parameters: str
+    licence: str
+    max_tokens: int  # the masked length its authors evaluate infilling with
+    ordering: str  # the unmasking order its authors use (engine.api.ORDERINGS)
+    note: str = ""
+    # A branch until the hub can be reached to read each repository's commit: `lacuna pull`
+    # prints the commit it fetched, and `--model NAME@COMMIT` pins one.
+    revision: str = "main"
+
+
+CATALOG = {entry.name: entry for entry in [
+    CatalogEntry("open-dcoder-0.5b", "fredzzp/open-dcoder-0.5B", "qwen2", "0.5B", "Apache-2.0", 32, "confidence",
+                 "the one that runs on a laptop CPU"),
+    CatalogEntry("dream-coder-7b", "Dream-org/Dream-Coder-v0-Base-7B", "dream", "7B", "Apache-2.0", 64, "entropy"),
+    CatalogEntry("dream-coder-7b-instruct", "Dream-org/Dream-Coder-v0-Instruct-7B", "dream", "7B", "Apache-2.0", 64,
+                 "entropy"),
+    CatalogEntry("diffucoder-7b", "apple/DiffuCoder-7B-Base", "dream", "7B", "apple-amlr", 64, "entropy",
+                 "research licence, not for commercial use"),
+    CatalogEntry("diffucoder-7b-instruct", "apple/DiffuCoder-7B-Instruct", "dream", "7B", "apple-amlr", 64,
+                 "entropy", "research licence, not for commercial use"),
+    CatalogEntry("diffucoder-7b-cpgrpo", "apple/DiffuCoder-7B-cpGRPO", "dream", "7B", "apple-amlr", 64, "entropy",
+                 "research licence, not for commercial use"),
+    CatalogEntry("dream-7b", "Dream-org/Dream-v0-Base-7B", "dream", "7B", "Apache-2.0", 64, "entropy"),
+    CatalogEntry("dream-7b-instruct", "Dream-org/Dream-v0-Instruct-7B", "dream", "7B", "Apache-2.0", 64, "entropy"),
+    CatalogEntry("dreamon-7b", "Dream-org/DreamOn-v0-7B", "dream", "7B", "Apache-2.0", 64, "entropy",
+                 "expand/delete tokens (see the loader's message)"),
+    CatalogEntry("llada-8b", "GSAI-ML/LLaDA-8B-Base", "llada", "8B", "MIT", 64, "confidence"),
+    CatalogEntry("llada-8b-instruct", "GSAI-ML/LLaDA-8B-Instruct", "llada", "8B", "MIT", 64, "confidence"),
+    CatalogEntry("llada-1.5", "GSAI-ML/LLaDA-1.5", "llada", "8B", "MIT", 64, "confidence"),
+]}
+
+
+def _split(name: str) -> tuple[str, str | None]:
+    """NAME or NAME@REVISION."""
+    name, _, revision = name.partition("@")
+    return name, revision or None
+
+
+def lookup(name: str) -> tuple[str, str]:
+    """The hub repository and revision for a catalogue name or a repository id (`owner/name`),
+    each optionally followed by `@revision`."""
+    base, revision = _split(name)
+    entry = CATALOG.get(base.lower())
+    if entry is not None:
+        return entry.repo, revision or entry.revision
+    if REPO_ID.fullmatch(base):
+        return base, revision or "main"
+    known = ", ".join(CATALOG)
+    raise CheckpointError(f"{name!r} is neither a checkpoint directory nor a known model ({known}) "
+                          "nor a hub repository id (owner/name)")
+
+
+def is_model_name(value: str) -> bool:
+    """True for what `resolve` looks up on the hub rather than on disk."""
+    base = _split(value)[0]
+    return not Path(value).expanduser().exists() and (base.lower() in CATALOG or bool(REPO_ID.fullmatch(base)))
+
+
+def resolve(model: str) -> Path:
+    """The local directory of `model`: a directory as given, or a catalogue name or repository id
+    already fetched by `lacuna pull`."""
+    path = Path(model).expanduser()
+    if path.exists() or not is_model_name(model):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo, revision = lookup(model)
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{model!r} is not a directory, and the model {repo}@{revision} is not downloaded: "
+                              f"run `lacuna pull {model}`") from None
+
+
+def _refuse_pickles(files: list[str], repo: str) -> None:
+    if not any(fnmatch.fnmatch(f, "*.safetensors") for f in files):
+        pickled = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        found = f": it has only {', '.join(pickled[:3])}" if pickled else ""
+        raise CheckpointError(f"{repo} has no safetensors weights{found}. Lacuna never loads pickled weights; "
+                              "convert them to safetensors in a trusted environment first")
+
+
+def pull(model: str) -> Path:
+    """Fetch `model` into the hub cache (resuming a partial download) and return its directory."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    repo, revision = lookup(model)
+    try:
+        info = HfApi().model_info(repo, revision=revision)
+        _refuse_pickles([s.rfilename for s in info.siblings or []], repo)
+        # By the name asked (not info.sha), so the cache records which commit that name is now.
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except CheckpointError:
+        raise
+    except Exception as err:  # the hub's HTTP, offline and connection errors: one message, no traceback
+        raise CheckpointError(f"cannot fetch {repo}@{revision}: {type(err).__name__}: {err}") from None
+
+
+def cached() -> dict[str, list[str]]:
+    """The cached model repositories and the commits held of each."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir()
+    except CacheNotFound:
+        return {}
+    return {repo.repo_id: sorted(r.commit_hash for r in repo.revisions)
+            for repo in info.repos if repo.repo_type == "model"}
