@@ -9,6 +9,17 @@ from engine.config import PRESETS
 from engine.engine import Engine
 from engine.loader import random_model, save_checkpoint
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `download` fetch from a registry: they run only when `-m` names them."""
+    if "download" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="downloads; opt in with `pytest -m download`")
+    for item in items:
+        if "download" in item.keywords:
+            item.add_marker(skip)
+
+
 # .ci/run installs the editors' programs and sets this: there a missing one fails its tests.
 REQUIRE_EDITORS = os.environ.get("LACUNA_REQUIRE_EDITORS") == "1"
 
