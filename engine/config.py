@@ -25,6 +25,10 @@ class Family:
     mask_tokens: tuple[str, ...] = ()  # the family's mask token, found by name when no config gives its id
     mask_hint: str = "set mask_token_id in config.json"  # where the family's checkpoints name the mask
     stop_tokens: tuple[str, ...] = ()  # tokens besides EOS and pad that end an answer
+    # Trained on whole tokenized documents, the model never saw a token boundary at a cursor: the
+    # engine heals it (Engine.submit). Lacuna's models train on prefix, middle and suffix
+    # tokenized apart, as the server sends them, and need no healing.
+    token_healing: bool = True
 
 
 # model_type in config.json -> family. Where each fact was read: tests/published.py.
@@ -43,7 +47,7 @@ FAMILIES = {
                     stop_tokens=("<|eot_id|>",)),
     "llama": Family("llama", 0, bos=True, eos_after_suffix=False),
     # Lacuna's own models (engine/bundled): Qwen2 blocks, shifted, [BOS] prefix masks suffix [EOS].
-    "lacuna": Family("qwen2", 1, bos=True, eos_after_suffix=True),
+    "lacuna": Family("qwen2", 1, bos=True, eos_after_suffix=True, token_healing=False),
 }
 
 # Open diffusion coders whose layout is known and that this engine cannot run, by model_type.

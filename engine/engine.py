@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import itertools
 import logging
 import threading
@@ -92,13 +93,35 @@ class Engine:
     # -- the API callers use, from any thread -------------------------------------------
 
     def submit(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> Request:
-        """Queue an infill of `n_tokens` masks between `prefix` and `suffix` (see submit_ids)."""
-        return self.submit_ids(self.encode(prefix), self.encode(suffix), n_tokens, **kwargs)
+        """Queue an infill of `n_tokens` masks between `prefix` and `suffix` (see submit_ids).
+
+        Token healing, for families trained on whole documents: a cursor rarely sits on a token
+        boundary such a model saw (after `return `, the space is a token of its own; mid-word, the
+        word is split). The prefix's last token is given back, and the infill's first token must
+        start with its text, which is then cut from the answer."""
+        prefix_ids = self.encode(prefix)
+        healed = self.tokenizer.decode(prefix_ids[-1:], skip_special_tokens=False)
+        if not (self.config.family.token_healing and healed and prefix.endswith(healed)
+                and bool(self._tokens_starting_with(healed).any())):
+            healed = ""
+        return self.submit_ids(prefix_ids[:-1] if healed else prefix_ids, self.encode(suffix), n_tokens,
+                               healed=healed, **kwargs)
+
+    @functools.lru_cache(maxsize=512)  # noqa: B019 (one engine per process; its tokens never change)
+    def _tokens_starting_with(self, text: str) -> torch.Tensor:
+        return torch.tensor([token.startswith(text) for token in self._token_texts], device=self.device)
+
+    @functools.cached_property
+    def _token_texts(self) -> list[str]:
+        rows = self.config.vocab_size
+        return self.tokenizer.decode_batch([[i] for i in range(rows)], skip_special_tokens=False)
 
     def submit_ids(self, prefix: list[int], suffix: list[int], n_tokens: int, *,
                    options: DecodeOptions = DecodeOptions(), n: int = 1,
-                   time_budget: float | None = None) -> Request:
-        """Queue an infill between token ids, `n` candidates, answered within `time_budget` s."""
+                   time_budget: float | None = None, healed: str = "") -> Request:
+        """Queue an infill between token ids, `n` candidates, answered within `time_budget` s.
+        With `healed`, the text the prefix gave back (see submit), the first mask holds a token
+        that starts with it."""
         if not 1 <= n_tokens <= self.max_tokens:
             raise ValueError(f"n_tokens must be between 1 and {self.max_tokens}, not {n_tokens}")
         if not 1 <= n <= self.max_batch_rows:
@@ -110,9 +133,11 @@ class Engine:
         if options.temperature > 0:
             generator = torch.Generator(self.device)
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
-        denoiser = Denoiser(layout, n, options, self.special, device=self.device, generator=generator)
+        first = self._tokens_starting_with(healed) if healed else None
+        denoiser = Denoiser(layout, n, options, self.special, device=self.device, generator=generator,
+                            first_tokens=first)
         deadline = time.monotonic() + time_budget if time_budget is not None else None
-        request = Request(next(self._ids), denoiser, n, deadline)
+        request = Request(next(self._ids), denoiser, n, deadline, healed)
         self.scheduler.add(request)
         return request
 
@@ -215,6 +240,7 @@ class Engine:
                 else:
                     reason = "length" if len(ids) == den.end - den.start else "stop"
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
+                text = text[len(request.healed):] if text.startswith(request.healed) else text
                 context = den.x.shape[1] - (den.end - den.start)
                 completions.append(Completion(text, ids, conf, den.steps, reason, context))
             request.future.set_result(completions)

@@ -61,7 +61,10 @@ class StepGraph:
         self.cache = model.new_cache(rows, slots)
         self.attn_mask = torch.zeros(rows, 1, 1, slots, dtype=torch.bool, device=device)
         self.positions = torch.zeros(rows, width, dtype=torch.long, device=device)
-        self.state = Denoiser(Layout([special.mask] * width, shift, width), rows, options, special, device=device)
+        # Every token allowed first: `run` copies in a request's token-healing constraint.
+        anything = torch.ones(model.config.vocab_size, dtype=torch.bool, device=device)
+        self.state = Denoiser(Layout([special.mask] * width, shift, width), rows, options, special, device=device,
+                              first_tokens=anything)
         self.non_finite = torch.zeros((), dtype=torch.bool, device=device)
         self.steps_run = torch.zeros((), dtype=torch.long, device=device)
         self.owner: int | None = None  # the id of the request whose keys are in the cache
@@ -92,6 +95,7 @@ class StepGraph:
     def run(self, den: Denoiser) -> None:
         """Advance `den` by one chunk of steps (fewer take effect once it is done)."""
         self.state.load_window(self.shift, den.x[:, den.start - self.shift:den.end], den.masked, den.confidence)
+        self.state.first_bias.copy_(0 if den.first_bias is None else den.first_bias)
         self.non_finite.zero_()
         self.steps_run.zero_()
         self.replay()

@@ -56,11 +56,13 @@ class Denoiser:
     """The state of one request's `rows` candidates while their middles are unmasked."""
 
     def __init__(self, layout: Layout, rows: int, options: DecodeOptions, special: SpecialIds, *, device,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, first_tokens: Tensor | None = None):
         self.options, self.stop_ids, self.pad = options, special.stop_ids, special.pad
         # Made here: a CUDA graph cannot copy them in.
         self.stop = torch.tensor(self.stop_ids, device=device)
         self.banned = torch.tensor((special.mask, *special.banned), device=device)
+        # Token healing: the ids the first middle token may be (a bool per vocabulary id), or None.
+        self.first_bias = None if first_tokens is None else torch.where(first_tokens, 0.0, -torch.inf)
         self.start, self.end = layout.start, layout.end
         self.x = torch.tensor(layout.tokens, device=device).repeat(rows, 1)
         n = self.end - self.start
@@ -122,8 +124,7 @@ class Denoiser:
 
     def unmask(self, logits: Tensor, columns: Tensor | None, count: int | None) -> None:
         """The body of a step, in place and without host syncs, so a CUDA graph can hold it."""
-        if self.options.min_tokens:
-            logits = self._forbid_early_stop(logits, columns)
+        logits = self._constrain(logits, columns)
         drawn, confidence, score = self._draw(logits)
         masked, middle = self.masked, self.middle
         if columns is not None:
@@ -147,11 +148,18 @@ class Denoiser:
         masked &= ~after_end
         self.fresh = keep | after_end
 
-    def _forbid_early_stop(self, logits: Tensor, columns: Tensor | None) -> Tensor:
+    def _constrain(self, logits: Tensor, columns: Tensor | None) -> Tensor:
+        """No stop among the first `min_tokens`; with token healing, a first token that starts
+        with the text the prefix gave back."""
         if columns is None:
             columns = torch.arange(logits.shape[1], device=logits.device)
-        early = (columns < self.options.min_tokens)[None, :, None]
-        return torch.where(early, logits.index_fill(-1, self.stop, -torch.inf), logits)
+        if self.options.min_tokens:
+            # A healed first token gives back text of the prefix: the answer starts after it.
+            early = (columns < self.options.min_tokens + (self.first_bias is not None))[None, :, None]
+            logits = torch.where(early, logits.index_fill(-1, self.stop, -torch.inf), logits)
+        if self.first_bias is not None:
+            logits = torch.where((columns == 0)[None, :, None], logits + self.first_bias, logits)
+        return logits
 
     def _draw(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Token choice, its probability, and the ordering score for every position."""

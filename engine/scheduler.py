@@ -16,8 +16,9 @@ from .sampler import Denoiser
 class Request:
     """A submitted infill: `future` resolves to a list of n Completions."""
 
-    def __init__(self, request_id: int, denoiser: Denoiser, n: int, deadline: float | None):
+    def __init__(self, request_id: int, denoiser: Denoiser, n: int, deadline: float | None, healed: str = ""):
         self.id = request_id
+        self.healed = healed  # text the prefix gave back to the infill's first token (token healing)
         self.denoiser = denoiser
         self.n = n
         self.deadline = deadline

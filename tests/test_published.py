@@ -146,3 +146,34 @@ def test_a_missing_mask_is_named_with_the_family_s_convention(tmp_path):
     (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(CheckpointError, match=r"LLaDA checkpoints give mask_token_id in config.json \(<\|mdm_mask"):
         load_checkpoint(directory)
+
+
+def test_a_family_trained_on_whole_documents_gets_the_cursor_s_token_healed(tmp_path):
+    from published import dream_coder
+
+    engine = Engine(load_checkpoint(dream_coder(tmp_path / "dream")), warmup=False)
+    try:
+        prefix = "def add(a, b):\n    return "
+        request = engine.submit(prefix, "\n", 6, options=DecodeOptions(policy="steps"))
+        [completion] = request.result(timeout=60)
+        assert request.healed == " " and engine.encode(prefix)[-1] == engine.encode(" ")[0]
+        first = engine.tokenizer.decode(completion.token_ids[:1])
+        assert first.startswith(" ")  # the space given back, and what follows it in the same token
+        assert completion.text == engine.tokenizer.decode(completion.token_ids)[1:]
+        # The layout: the prefix without its last token, then the masks.
+        without = engine.encode(prefix)[:-1]
+        assert request.denoiser.x[0, :request.denoiser.start].tolist()[-len(without):] == without
+    finally:
+        engine.close()
+
+
+def test_lacuna_s_own_models_are_not_healed(tmp_path):
+    from engine.loader import random_model
+
+    engine = Engine(random_model("tiny"), warmup=False)
+    try:
+        request = engine.submit("x = ", "\n", 4)
+        request.result(timeout=60)
+        assert request.healed == ""
+    finally:
+        engine.close()

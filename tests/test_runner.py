@@ -48,10 +48,11 @@ def test_logit_shift_per_family_against_transformers(checkpoints, family):
     hf.load_state_dict(loaded.model.state_dict(), strict=False)
     engine = Engine(loaded, warmup=False)
     try:
-        completion, = engine.complete(PREFIX, SUFFIX, 1, options=DecodeOptions(policy="steps", use_cache=False))
+        ids = engine.encode(PREFIX)  # as ids: no token healing, the plain layout
+        completion, = engine.submit_ids(ids, engine.encode(SUFFIX), 1,
+                                        options=DecodeOptions(policy="steps", use_cache=False)).result()
     finally:
         engine.close()
-    ids = engine.encode(PREFIX)
     tokens = [loaded.special.bos] + ids + [loaded.special.mask] + engine.encode(SUFFIX)
     if family == "lacuna":
         tokens.append(loaded.special.eos)  # Lacuna's models, like DreamOn, close the suffix with EOS
