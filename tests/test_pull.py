@@ -49,6 +49,7 @@ def lacuna(hub, home, *args, offline=False):
                           timeout=120)
 
 
+@pytest.mark.slow  # a dozen processes
 def test_pull_fetches_weights_and_json_only_and_the_name_then_works_offline(hub, tmp_path):
     home = tmp_path / "hf"
     for name, repo in SERVED.items():
@@ -71,6 +72,7 @@ def test_pull_fetches_weights_and_json_only_and_the_name_then_works_offline(hub,
     assert "lacuna pull llada-8b " in rows["llada-8b"] + " "
 
 
+@pytest.mark.slow
 def test_a_download_cut_off_midway_resumes(hub, tmp_path):
     hub.drop["model.safetensors"] = 11 << 20
     home = tmp_path / "hf"

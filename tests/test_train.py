@@ -577,6 +577,7 @@ def test_gpu_job_cut_by_its_time_limit_leaves_its_last_release(corpus, tmp_path)
     assert load_checkpoint(out).model.config == TINY_CONFIG  # whole, never half-written
 
 
+@pytest.mark.slow  # a minute of training
 def test_the_tiny_config_learns_a_small_corpus_within_a_minute(corpus, tmp_path):
     """The guard against a trainer that does not learn: on a small fixed corpus, plain masked
     diffusion must take the tiny model well past the unigram level (where the old 1/t-weighted loss
