@@ -22,7 +22,7 @@ import torch
 
 from .api import Capacity, Completion, DecodeOptions, EngineError
 from .catalog import resolve
-from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, random_model
+from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, quantize_int8, random_model
 from .runner import StepRunner
 from .sampler import Denoiser, Layout, build_layout
 from .scheduler import Request, Scheduler
@@ -78,9 +78,10 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, device: str | None = None,
-             dtype: torch.dtype | None = None, **kwargs) -> Engine:
-        """Load `model_dir`, or with none the bundled model; without that (a source tree without
-        its weights), a tiny random-weight model whose output is noise."""
+             dtype: torch.dtype | None = None, int8: bool = False, **kwargs) -> Engine:
+        """Load `model_dir` (a directory or a pulled model's name), or with none the bundled model;
+        without that (a source tree without its weights), a tiny random-weight model whose output
+        is noise. `int8`: quantize the linear layers for a CPU (loader.quantize_int8)."""
         device = device or default_device()
         dtype = dtype or default_dtype(device)
         if model_dir is None and not (BUNDLED_DIR / "config.json").exists():
@@ -88,7 +89,12 @@ class Engine:
                         "whose completions are noise (give a checkpoint directory)", BUNDLED_DIR)
             return cls(random_model("tiny", device=device, dtype=dtype), **kwargs)
         model_dir = BUNDLED_DIR if model_dir is None else resolve(str(model_dir))
-        return cls(load_checkpoint(model_dir, device=device, dtype=dtype), **kwargs)
+        loaded = load_checkpoint(model_dir, device=device, dtype=dtype)
+        if int8 and device == "cpu":
+            quantize_int8(loaded)
+        elif int8:
+            log.warning("int8 is for CPUs: the model runs in %s on %s", dtype, device)
+        return cls(loaded, **kwargs)
 
     # -- the API callers use, from any thread -------------------------------------------
 

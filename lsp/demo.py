@@ -48,7 +48,7 @@ def demo(file: str, line: int, character: int, *, model: str | None, device: str
 
 
 def complete(file: str, line: int, character: int, *, tokens: int, options: dict, model: str | None,
-             device: str | None, as_json: bool) -> int:
+             device: str | None, as_json: bool, int8: bool = False) -> int:
     """Fill `tokens` masks at (line, character; UTF-16) with the in-process engine and print the infill."""
     try:
         text = Path(file).read_text(encoding="utf-8")
@@ -62,7 +62,7 @@ def complete(file: str, line: int, character: int, *, tokens: int, options: dict
         return 2
     from engine.engine import Engine
 
-    engine = Engine.load(model, device=device, max_tokens=max(tokens, 1))
+    engine = Engine.load(model, device=device, int8=int8, max_tokens=max(tokens, 1))
     start = time.perf_counter()
     try:
         completion = engine.complete(text[:offset], text[offset:], tokens, options=decode)[0]

@@ -111,7 +111,7 @@ class LacunaServer(LanguageServer):
         def load() -> InfillEngine:
             from engine.engine import Engine  # torch: only for a model in this process
 
-            return Engine.load(options.model_dir, device=options.device)
+            return Engine.load(options.model_dir, device=options.device, int8=options.int8)
 
         async def install():
             try:

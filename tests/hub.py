@@ -60,9 +60,12 @@ class Hub:
             def do_GET(self):
                 hub.requests.append(f"{self.command} {self.path} {self.headers.get('Range', '')}".rstrip())
                 path = self.path.split("?")[0]
-                if match := ROUTE.fullmatch(path):
+                match = ROUTE.fullmatch(path) or RESOLVE.fullmatch(path)
+                if match and match["rev"] not in (None, "main", COMMIT) and match["repo"] in hub.repos:
+                    return self.not_found("RevisionNotFound")
+                if match and match.re is ROUTE:
                     return self.api(match["repo"], match["kind"])
-                if match := RESOLVE.fullmatch(path):
+                if match:
                     return self.resolve(match["repo"], match["path"])
                 self.not_found("EntryNotFound")
 

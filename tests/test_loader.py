@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from engine.config import CheckpointError
-from engine.loader import byte_tokenizer, load_checkpoint, random_model, save_checkpoint
+from engine.loader import byte_tokenizer, load_checkpoint, quantize_int8, random_model, save_checkpoint
 
 
 def logits(loaded, ids):
@@ -120,3 +120,15 @@ def test_missing_shard_is_named(tmp_path):
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+def test_int8_linear_layers_keep_the_model_s_predictions():
+    fp32 = random_model("tiny", seed=3)
+    int8 = random_model("tiny", seed=3)
+    quantize_int8(int8)
+    ids = torch.randint(0, 256, (1, 40))
+    expected, got = logits(fp32, ids), logits(int8, ids)
+    assert int8.model.model.layers[0].mlp.gate_proj.__class__.__name__ == "Linear"  # the quantized module
+    assert "quantized" in type(int8.model.model.layers[0].mlp.gate_proj).__module__
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    assert torch.allclose(got, expected, atol=0.05)

@@ -104,3 +104,5 @@ def test_a_model_not_downloaded_gets_the_command_that_fetches_it(hub, tmp_path):
     assert unknown.returncode == 2 and "known model" in unknown.stderr
     missing = lacuna(hub, tmp_path / "hf", "pull", "someone/missing")
     assert missing.returncode == 2 and "someone/missing" in missing.stderr and "Traceback" not in missing.stderr
+    revision = lacuna(hub, tmp_path / "hf", "pull", "open-dcoder-0.5b@no-such-branch")
+    assert revision.returncode == 2 and "no-such-branch" in revision.stderr and "Traceback" not in revision.stderr

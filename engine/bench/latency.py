@@ -25,7 +25,7 @@ from ..catalog import resolve
 from ..config import PRESETS
 from ..engine import Engine, default_device, default_dtype
 from ..graphs import GRAPH_CHUNK, Replay
-from ..loader import load_checkpoint, random_model
+from ..loader import load_checkpoint, quantize_int8, random_model
 
 SAMPLERS = ("reference", "cached", "cached+threshold", "autoregressive")
 # Peak memory bandwidth, GB/s, for the per-step lower bound (weight bytes / bandwidth).
@@ -175,8 +175,9 @@ def format_row(row: dict) -> str:
 
 
 def main(*, model_dir: str | None, shape: str | None, device: str | None, dtype: str | None, quick: bool,
-         reps: int, tokens_per_step: int, as_json: bool) -> int:
-    """`lacuna bench`: the rows printed as they come (or as one JSON list)."""
+         reps: int, tokens_per_step: int, as_json: bool, int8: bool = False) -> int:
+    """`lacuna bench`: the rows printed as they come (or as one JSON list); with `int8`, then the
+    same rows with int8 linear layers."""
     device = device or default_device()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype) \
         or default_dtype(device)
@@ -190,14 +191,25 @@ def main(*, model_dir: str | None, shape: str | None, device: str | None, dtype:
             return 2
     loaded = (load_checkpoint(resolve(model_dir), device, torch_dtype) if model_dir
               else random_model(shape, device, torch_dtype))
-    engine = Engine(loaded, max_tokens=128)
     if quick:
         plan = dict(contexts=(2048,), middles=(64,), reps=3)
     else:
         plan = dict(contexts=(512, 2048), middles=(16, 32, 64, 128), reps=reps)
     progress = None if as_json else (lambda row: print(format_row(row), flush=True))
-    rows = run(engine, shape=shape if not model_dir else loaded.name, tokens_per_step=tokens_per_step,
-               progress=progress, **plan)
+    name = shape if not model_dir else loaded.name
+    rows = []
+    if int8 and device != "cpu":
+        print(f"lacuna bench: --int8 is for CPUs, not {device}", file=sys.stderr)
+        return 2
+    for quantized in (False, True) if int8 else (False,):
+        if quantized:
+            quantize_int8(loaded)
+        engine = Engine(loaded, max_tokens=128)
+        try:
+            rows += run(engine, shape=name + ("+int8" if quantized else ""), tokens_per_step=tokens_per_step,
+                        progress=progress, **plan)
+        finally:
+            engine.close()
     if as_json:
         print(json.dumps(rows, indent=1))
     return 0

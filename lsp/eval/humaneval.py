@@ -171,7 +171,7 @@ def evaluate(mode: str, *, limit: int | None = None, model_dir: str | None = Non
     """Load the engine, fill the mode's first `limit` tasks, run them sandboxed; the metrics (JSON-ready)."""
     tasks = build_tasks(mode)[:limit]
     options = options or Options()
-    engine = Engine.load(model_dir or options.model_dir, device=device or options.device)
+    engine = Engine.load(model_dir or options.model_dir, device=device or options.device, int8=options.int8)
     completer = Completer(options, engine)
     try:
         infills = asyncio.run(fill(tasks, completer))
