@@ -227,7 +227,7 @@ def quantize_int8(loaded: LoadedModel) -> None:
     import warnings
 
     with warnings.catch_warnings():  # torch announces a successor (torchao); this one still works
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore")
         loaded.model.model = torch.ao.quantization.quantize_dynamic(loaded.model.model, {torch.nn.Linear},
                                                                     dtype=torch.qint8)
 

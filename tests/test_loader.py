@@ -132,3 +132,24 @@ def test_int8_linear_layers_keep_the_model_s_predictions():
     assert "quantized" in type(int8.model.model.layers[0].mlp.gate_proj).__module__
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
     assert torch.allclose(got, expected, atol=0.05)
+
+
+def test_a_checkpoint_mixing_dtypes_loads_in_the_dtype_asked(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_checkpoint(random_model("tiny", seed=4), tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    mixed = {name: t.to(torch.bfloat16) if i % 2 else t.half() if i % 3 else t for i, (name, t) in
+             enumerate(weights.items())}
+    save_file(mixed, tmp_path / "model.safetensors")
+    loaded = load_checkpoint(tmp_path)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert torch.isfinite(logits(loaded, torch.randint(0, 256, (1, 8)))).all()
+
+
+def test_a_shard_missing_from_the_index_is_named(tmp_path):
+    save_checkpoint(random_model("tiny", seed=5), tmp_path, max_shard_bytes=300 * 1024)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"missing the shard {shard.name}"):
+        load_checkpoint(tmp_path)
