@@ -125,6 +125,16 @@ def pull(model: str) -> Path:
         raise CheckpointError(f"cannot fetch {repo}@{revision}: {type(err).__name__}: {err}") from None
 
 
+def listing() -> list[dict]:
+    """`lacuna models`: each catalogue entry with the commits downloaded of it, then any other
+    model repository in the cache."""
+    held = cached()
+    known = {entry.repo for entry in CATALOG.values()}
+    rows = [{**vars(entry), "downloaded": held.get(entry.repo, [])} for entry in CATALOG.values()]
+    return rows + [{"name": repo, "repo": repo, "downloaded": commits} for repo, commits in held.items()
+                   if repo not in known]
+
+
 def cached() -> dict[str, list[str]]:
     """The cached model repositories and the commits held of each."""
     from huggingface_hub import scan_cache_dir

