@@ -78,18 +78,13 @@ def lookup(name: str) -> tuple[str, str]:
                           "nor a hub repository id (owner/name)")
 
 
-def is_model_name(value: str) -> bool:
-    """True for what `resolve` looks up on the hub rather than on disk."""
-    base = _split(value)[0]
-    return not Path(value).expanduser().exists() and (base.lower() in CATALOG or bool(REPO_ID.fullmatch(base)))
-
-
 def resolve(model: str) -> Path:
     """The local directory of `model`: a directory as given, or a catalogue name or repository id
     already fetched by `lacuna pull`."""
     path = Path(model).expanduser()
-    if path.exists() or not is_model_name(model):
-        return path
+    base = _split(model)[0]
+    if path.exists() or not (base.lower() in CATALOG or REPO_ID.fullmatch(base)):
+        return path  # a directory (the loader names it if it is missing)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 

@@ -108,14 +108,16 @@ class Engine:
         prefix_ids = self.encode(prefix)
         healed = self.tokenizer.decode(prefix_ids[-1:], skip_special_tokens=False)
         if not (self.config.family.token_healing and healed and prefix.endswith(healed)
-                and bool(self._tokens_starting_with(healed).any())):
+                and self._tokens_starting_with(healed) is not None):
             healed = ""
         return self.submit_ids(prefix_ids[:-1] if healed else prefix_ids, self.encode(suffix), n_tokens,
                                healed=healed, **kwargs)
 
     @functools.lru_cache(maxsize=512)  # noqa: B019 (one engine per process; its tokens never change)
-    def _tokens_starting_with(self, text: str) -> torch.Tensor:
-        return torch.tensor([token.startswith(text) for token in self._token_texts], device=self.device)
+    def _tokens_starting_with(self, text: str) -> torch.Tensor | None:
+        """A bool per vocabulary id, on the device; None when no token starts with `text`."""
+        allowed = [token.startswith(text) for token in self._token_texts]
+        return torch.tensor(allowed, device=self.device) if any(allowed) else None
 
     @functools.cached_property
     def _token_texts(self) -> list[str]:

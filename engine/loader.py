@@ -119,7 +119,7 @@ def _special_ids(tokenizer: Tokenizer, family: Family, config: dict, generation:
                       stops=stops, banned=() if expand is None else (expand,))
 
 
-def _check_ids_fit(tokenizer: Tokenizer, special: SpecialIds, rows: int) -> None:
+def _check_ids_fit(tokenizer_rows: int, special: SpecialIds, rows: int) -> None:
     """A tokenizer or special id beyond the embedding would fail every request ("index out of
     range"): refuse the checkpoint at load instead."""
     named = [(name, getattr(special, name)) for name in ("mask", "eos", "pad", "bos")]
@@ -127,7 +127,7 @@ def _check_ids_fit(tokenizer: Tokenizer, special: SpecialIds, rows: int) -> None
         if value is not None and not 0 <= value < rows:
             raise CheckpointError(f"the {name} token id {value} lies outside the model's {rows} embedding rows "
                                   "(vocab_size in config.json)")
-    largest = _tokenizer_rows(tokenizer) - 1
+    largest = tokenizer_rows - 1
     if largest >= rows:
         raise CheckpointError(f"tokenizer.json has token ids up to {largest}, beyond the model's {rows} embedding "
                               "rows (vocab_size in config.json): the tokenizer does not belong to this model")
@@ -190,9 +190,10 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", dtype: torch.dty
         _read_json(directory / "generation_config.json", required=False),
         _read_json(directory / "tokenizer_config.json", required=False),
     )
-    _check_ids_fit(tokenizer, special, config.vocab_size)
+    tokenizer_rows = _tokenizer_rows(tokenizer)
+    _check_ids_fit(tokenizer_rows, special, config.vocab_size)
     # Rows the tokenizer never produces (an embedding padded for speed) are never predicted either.
-    special.banned += tuple(range(_tokenizer_rows(tokenizer), config.vocab_size))
+    special.banned += tuple(range(tokenizer_rows, config.vocab_size))
     weights = _read_weights(directory)
     if any(name.startswith("model.transformer.") for name in weights):
         weights = _rename_llada(weights)

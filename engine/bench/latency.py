@@ -181,6 +181,9 @@ def main(*, model_dir: str | None, shape: str | None, device: str | None, dtype:
     device = device or default_device()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype) \
         or default_dtype(device)
+    if int8 and device != "cpu":
+        print(f"lacuna bench: --int8 is for CPUs, not {device}", file=sys.stderr)
+        return 2
     shape = shape or ("model" if model_dir else "tiny")
     if not model_dir and device == "cpu":
         needed = PRESETS[shape].parameters * torch_dtype.itemsize
@@ -198,9 +201,6 @@ def main(*, model_dir: str | None, shape: str | None, device: str | None, dtype:
     progress = None if as_json else (lambda row: print(format_row(row), flush=True))
     name = shape if not model_dir else loaded.name
     rows = []
-    if int8 and device != "cpu":
-        print(f"lacuna bench: --int8 is for CPUs, not {device}", file=sys.stderr)
-        return 2
     for quantized in (False, True) if int8 else (False,):
         if quantized:
             quantize_int8(loaded)
