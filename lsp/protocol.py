@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest
 from pygls.protocol import LanguageServerProtocol
@@ -45,6 +48,16 @@ class Protocol(LanguageServerProtocol):
             self._send_response(message.id, error=refused.to_response_error())
             return
         super().handle_message(message)
+
+
+    @lsp_method(types.EXIT)
+    def lsp_exit(self, *args):
+        # Leave at once: every answer is written and nothing is left to save, while the
+        # interpreter's teardown (torch's alone) would keep the editor waiting about a second.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if self._shutdown else 1)
+        yield  # a generator, as pygls's handlers are
 
 
 def prefer_utf8(initialize: dict) -> None:

@@ -1,4 +1,6 @@
-"""`lacuna complete` and `lacuna bench`, run as the installed command."""
+"""The command line: `lacuna complete`, `bench`, `demo` and `train`'s errors. The demo runs as the
+installed command; the others call its `main` in this process (a new process costs seconds of
+imports)."""
 
 import json
 import subprocess
@@ -6,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from lsp.cli import main
 
 DEMO = Path(__file__).parent / "data" / "demo.py"
 
@@ -15,18 +19,29 @@ def lacuna(*args, timeout=300):
                           timeout=timeout, cwd=Path(__file__).parents[1])
 
 
-def test_complete_prints_json(checkpoints):
+class Run:
+    """What one `lacuna` command left: its exit code and output."""
+
+    def __init__(self, capsys, *args):
+        try:
+            self.returncode = main([str(a) for a in args])
+        except SystemExit as exit:  # argparse's errors
+            self.returncode = exit.code
+        self.stdout, self.stderr = capsys.readouterr()
+
+
+def test_complete_prints_json(capsys, checkpoints):
     line = DEMO.read_text().split("\n").index("    return ")
-    run = lacuna("complete", DEMO, "--line", line, "--character", 11, "--json", "--tokens", 8,
-                 "--model", checkpoints["lacuna"])
+    run = Run(capsys, "complete", DEMO, "--line", line, "--character", 11, "--json", "--tokens", 8,
+              "--model", checkpoints["lacuna"])
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert {"text", "steps", "latency_ms"} <= set(out)
     assert out["steps"] >= 1 and out["latency_ms"] > 0
 
 
-def test_complete_without_a_model_uses_the_bundled_one():
-    run = lacuna("complete", DEMO, "--line", 7, "--character", 11, "--tokens", 8, "--json")
+def test_complete_without_a_model_uses_the_bundled_one(capsys):
+    run = Run(capsys, "complete", DEMO, "--line", 7, "--character", 11, "--tokens", 8, "--json")
     assert run.returncode == 0, run.stderr
     assert "random-weight" not in run.stderr
     assert json.loads(run.stdout)["model"] == "bundled"
@@ -37,8 +52,8 @@ def test_complete_without_a_model_uses_the_bundled_one():
     (["--line", 0, "--character", 0, "--tokens", 0], "n_tokens"),
     (["--line", 0, "--character", 0, "--model", "/nonexistent"], "does not exist"),
 ])
-def test_complete_bad_input(args, message):
-    run = lacuna("complete", DEMO, *args)
+def test_complete_bad_input(capsys, args, message):
+    run = Run(capsys, "complete", DEMO, *args)
     assert run.returncode == 2
     assert message in run.stderr
 
@@ -55,8 +70,8 @@ def test_bench_quick_rows():
         assert row["p95_ms"] >= row["p50_ms"] > 0
 
 
-def test_bench_refuses_a_shape_too_big_for_this_machine():
-    run = lacuna("bench", "--shape", "7b", "--device", "cpu")
+def test_bench_refuses_a_shape_too_big_for_this_machine(capsys):
+    run = Run(capsys, "bench", "--shape", "7b", "--device", "cpu")
     assert run.returncode == 2
     assert "use a GPU" in run.stderr
 
@@ -68,7 +83,8 @@ def test_demo_asks_a_real_server(constant_checkpoint):
     assert "lacuna demo: model" in run.stderr
 
 
-def test_train_reports_a_bad_corpus_clearly(tmp_path):
-    run = lacuna("train", "model", tmp_path / "no-corpus", tmp_path / "tokenizer.json", tmp_path / "out", "--steps", 1)
+def test_train_reports_a_bad_corpus_clearly(capsys, tmp_path):
+    run = Run(capsys, "train", "model", tmp_path / "no-corpus", tmp_path / "tokenizer.json", tmp_path / "out",
+              "--steps", 1)
     assert run.returncode == 2
     assert "lacuna train model:" in run.stderr and "Traceback" not in run.stderr

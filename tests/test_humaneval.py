@@ -88,6 +88,7 @@ def test_tasks_are_deterministic_and_interleaved(mode, fingerprint):
 
 # -- the sandbox -----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # 164 sandboxed programs
 def test_every_canonical_solution_passes_with_the_true_middle():
     tasks = build_tasks("single-line")[:164]  # one per problem
     results = run_programs([with_tests(t, t.answer) for t in tasks])

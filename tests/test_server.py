@@ -5,11 +5,16 @@ import json
 import sys
 
 import pytest
+import pytest_asyncio
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
 PY_URI = "file:///work/example.py"
 TEXT_URI = "file:///work/notes.txt"
+
+# One event loop for the module, so that the tests which need no options of their own can share
+# one server: each start costs seconds (torch, the model). They open documents of their own.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 def command(*extra):
@@ -19,6 +24,23 @@ def command(*extra):
 @pytest.fixture(scope="module")
 def server_command(constant_checkpoint):
     return command("--model", str(constant_checkpoint))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared(server_command):
+    """A server with the default options, and its initialize result."""
+    client, result, _ = await start(server_command)
+    yield client, result
+    await stop(client)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def utf8(server_command):
+    """A server whose client offered UTF-8 positions."""
+    client, result, _ = await start(server_command, encodings=[types.PositionEncodingKind.Utf16,
+                                                               types.PositionEncodingKind.Utf8])
+    yield client, result
+    await stop(client)
 
 
 async def start(server, options=None, encodings=None):
@@ -59,91 +81,86 @@ async def inline(client, uri, line, character):
         context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic)))
 
 
-async def test_capabilities_and_inline_completion(server_command):
-    client, result, _ = await start(server_command)
-    try:
-        caps = result.capabilities
-        assert caps.inline_completion_provider is not None
-        assert caps.completion_provider is not None
-        assert {"lacuna.accepted", "lacuna.status"} <= set(caps.execute_command_provider.commands)
-        assert caps.position_encoding == types.PositionEncodingKind.Utf16
-        open_doc(client, PY_URI, "def area(width, height):\n    result = \n    return result\n")
-        answer = await inline(client, PY_URI, 1, 13)
-        assert answer.items, "the constant model always suggests something"
-        item = answer.items[0]
-        assert item.insert_text.strip("x") == "" and item.insert_text
-        assert item.range.start == types.Position(1, 13)
-        assert item.command.command == "lacuna.accepted"
-        count = await client.workspace_execute_command_async(types.ExecuteCommandParams(
-            item.command.command, item.command.arguments))
-        assert count == 1
-        status = await client.workspace_execute_command_async(types.ExecuteCommandParams("lacuna.status"))
-        assert status["accepted"] == 1 and status["ready"]
-    finally:
-        await stop(client)
+async def test_capabilities_and_inline_completion(shared):
+    client, result = shared
+    caps = result.capabilities
+    assert caps.inline_completion_provider is not None
+    assert caps.completion_provider is not None
+    assert {"lacuna.accepted", "lacuna.status"} <= set(caps.execute_command_provider.commands)
+    assert caps.position_encoding == types.PositionEncodingKind.Utf16
+    uri = "file:///work/area.py"
+    open_doc(client, uri, "def area(width, height):\n    result = \n    return result\n")
+    answer = await inline(client, uri, 1, 13)
+    assert answer.items, "the constant model always suggests something"
+    item = answer.items[0]
+    assert item.insert_text.strip("x") == "" and item.insert_text
+    assert item.range.start == types.Position(1, 13)
+    assert item.command.command == "lacuna.accepted"
+    before = (await status(client))["accepted"]
+    count = await client.workspace_execute_command_async(types.ExecuteCommandParams(
+        item.command.command, item.command.arguments))
+    assert count == before + 1
+    after = await status(client)
+    assert after["accepted"] == count and after["ready"]
 
 
-async def test_classic_completion_items(server_command):
-    client, _, _ = await start(server_command)
-    try:
-        open_doc(client, PY_URI, "value = compute(ab)\n")
-        result = await client.text_document_completion_async(types.CompletionParams(
-            types.TextDocumentIdentifier(PY_URI), types.Position(0, 18)))
-        assert result.items
-        item = result.items[0]
-        # The edit starts at the word before the cursor so that clients can filter on it.
-        assert item.text_edit.range.start == types.Position(0, 16)
-        assert item.text_edit.new_text.startswith("ab")
-        assert item.command.command == "lacuna.accepted"
-        assert item.text_edit.new_text in item.documentation.value
-    finally:
-        await stop(client)
+async def test_classic_completion_items(shared):
+    client, _ = shared
+    uri = "file:///work/classic.py"
+    open_doc(client, uri, "value = compute(ab)\n")
+    result = await client.text_document_completion_async(types.CompletionParams(
+        types.TextDocumentIdentifier(uri), types.Position(0, 18)))
+    assert result.items
+    item = result.items[0]
+    # The edit starts at the word before the cursor so that clients can filter on it.
+    assert item.text_edit.range.start == types.Position(0, 16)
+    assert item.text_edit.new_text.startswith("ab")
+    assert item.command.command == "lacuna.accepted"
+    assert item.text_edit.new_text in item.documentation.value
 
 
-async def test_typing_through_and_incremental_edits(server_command):
-    client, _, _ = await start(server_command)
-    try:
-        open_doc(client, TEXT_URI, "Notes: ", language="plaintext")
-        first = (await inline(client, TEXT_URI, 0, 7)).items[0].insert_text
-        change(client, TEXT_URI, 2, (0, 7), (0, 7), "x")
-        rest = (await inline(client, TEXT_URI, 0, 8)).items[0].insert_text
-        assert rest == first[1:]
-    finally:
-        await stop(client)
+async def test_typing_through_and_incremental_edits(shared):
+    client, _ = shared
+    uri = "file:///work/typing.txt"
+    open_doc(client, uri, "Notes: ", language="plaintext")
+    first = (await inline(client, uri, 0, 7)).items[0].insert_text
+    change(client, uri, 2, (0, 7), (0, 7), "x")
+    rest = (await inline(client, uri, 0, 8)).items[0].insert_text
+    assert rest == first[1:]
 
 
-async def test_no_completion_inside_a_word_or_comment(server_command):
-    client, _, _ = await start(server_command)
-    try:
-        open_doc(client, PY_URI, "total = amount\n# a comment \n")
-        assert (await inline(client, PY_URI, 0, 10)).items == ()  # amo|unt
-        assert (await inline(client, PY_URI, 1, 12)).items == ()
-    finally:
-        await stop(client)
+async def test_no_completion_inside_a_word_or_comment(shared):
+    client, _ = shared
+    uri = "file:///work/words.py"
+    open_doc(client, uri, "total = amount\n# a comment \n")
+    assert (await inline(client, uri, 0, 10)).items == ()  # amo|unt
+    assert (await inline(client, uri, 1, 12)).items == ()
 
 
-async def test_utf8_when_the_client_offers_it_and_emoji_positions(server_command):
-    client, result, _ = await start(server_command, encodings=[types.PositionEncodingKind.Utf16,
-                                                               types.PositionEncodingKind.Utf8])
-    try:
-        assert result.capabilities.position_encoding == types.PositionEncodingKind.Utf8
-        open_doc(client, TEXT_URI, "😀 smile: ", language="plaintext")
-        answer = await inline(client, TEXT_URI, 0, 11)  # 4 bytes of emoji + 7
-        assert answer.items and answer.items[0].range.start == types.Position(0, 11)
-    finally:
-        await stop(client)
+async def test_utf8_when_the_client_offers_it_and_emoji_positions(utf8):
+    client, result = utf8
+    assert result.capabilities.position_encoding == types.PositionEncodingKind.Utf8
+    uri = "file:///work/smile.txt"
+    open_doc(client, uri, "😀 smile: ", language="plaintext")
+    answer = await inline(client, uri, 0, 11)  # 4 bytes of emoji + 7
+    assert answer.items and answer.items[0].range.start == types.Position(0, 11)
 
 
-@pytest.mark.parametrize("encodings, end, word_start", [(None, 13, 11), ([types.PositionEncodingKind.Utf8], 15, 13)])
-async def test_positions_count_code_units_of_the_negotiated_encoding(server_command, encodings, end, word_start):
-    client, _, _ = await start(server_command, encodings=encodings)
-    try:
-        open_doc(client, PY_URI, "s = '😀' + ab")  # the emoji: 2 UTF-16 units, 4 UTF-8 bytes
-        result = await client.text_document_completion_async(types.CompletionParams(
-            text_document=types.TextDocumentIdentifier(PY_URI), position=types.Position(0, end)))
-        assert result.items[0].text_edit.range.start == types.Position(0, word_start)
-    finally:
-        await stop(client)
+async def word_start(client, uri, end):
+    """Where a completion edit at the end of `s = '😀' + ab` starts: the emoji is 2 UTF-16 units
+    and 4 UTF-8 bytes."""
+    open_doc(client, uri, "s = '😀' + ab")
+    result = await client.text_document_completion_async(types.CompletionParams(
+        text_document=types.TextDocumentIdentifier(uri), position=types.Position(0, end)))
+    return result.items[0].text_edit.range.start
+
+
+async def test_positions_count_utf16_code_units_by_default(shared):
+    assert await word_start(shared[0], "file:///work/units16.py", 13) == types.Position(0, 11)
+
+
+async def test_positions_count_utf8_bytes_once_negotiated(utf8):
+    assert await word_start(utf8[0], "file:///work/units8.py", 15) == types.Position(0, 13)
 
 
 async def test_bad_configuration_is_reported_and_defaulted(server_command):
@@ -163,17 +180,15 @@ async def test_bad_configuration_is_reported_and_defaulted(server_command):
         await stop(client)
 
 
-async def test_bad_requests_get_answers(server_command):
-    client, _, _ = await start(server_command)
-    try:
-        assert (await inline(client, "file:///unknown.py", 0, 0)).items == ()
-        open_doc(client, PY_URI, "a = 1\r\nb = ")
-        assert (await inline(client, PY_URI, 99, 99)).items is not None  # past the end clamps
-        assert (await inline(client, PY_URI, 1, 4)).items
-        client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(PY_URI)))
-        assert (await inline(client, PY_URI, 1, 4)).items == ()
-    finally:
-        await stop(client)
+async def test_bad_requests_get_answers(shared):
+    client, _ = shared
+    uri = "file:///work/closed.py"
+    assert (await inline(client, "file:///unknown.py", 0, 0)).items == ()
+    open_doc(client, uri, "a = 1\r\nb = ")
+    assert (await inline(client, uri, 99, 99)).items is not None  # past the end clamps
+    assert (await inline(client, uri, 1, 4)).items
+    client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(uri)))
+    assert (await inline(client, uri, 1, 4)).items == ()
 
 
 class Wire:
@@ -216,8 +231,12 @@ async def test_malformed_messages_on_the_wire(server_command):
             "textDocument": {"uri": PY_URI}, "position": {"line": 0, "character": 4},
             "context": {"triggerKind": 2}})
         assert (await asyncio.wait_for(wire.response(3), 30))["result"]["items"]
+        # `exit` without `shutdown` first: the process ends at once, with code 1.
+        wire.send(json.dumps({"jsonrpc": "2.0", "method": "exit"}).encode())
+        assert await asyncio.wait_for(process.wait(), 10) == 1
     finally:
-        process.kill()
+        if process.returncode is None:
+            process.kill()
         await process.wait()
 
 
@@ -309,19 +328,19 @@ async def test_debounce_lets_only_the_latest_request_ask(server_command):
         await stop(client)
 
 
-async def test_big_files_long_lines_nul_and_lone_surrogates(server_command):
-    client, _, _ = await start(server_command)
-    try:
-        big = "value = 1\n" * 1_000_000 + "x" * 100_000 + " = "  # 10 MB, and a line of 100,000 characters
-        open_doc(client, PY_URI, big)
-        assert (await asyncio.wait_for(inline(client, PY_URI, 1_000_000, 100_003), 60)).items is not None
-        # What a client may send for bytes read from disk: NUL, and undecodable bytes as lone surrogates.
-        open_doc(client, TEXT_URI, "a\x00b \udcff c ", language="plaintext")
-        assert (await inline(client, TEXT_URI, 0, 8)).items
-        open_doc(client, "file:///work/data.xyz", "some data ", language="cobol")  # no grammar: plain text
-        assert (await inline(client, "file:///work/data.xyz", 0, 10)).items
-    finally:
-        await stop(client)
+async def test_big_files_long_lines_nul_and_lone_surrogates(shared):
+    client, _ = shared
+    uri, text_uri, other_uri = "file:///work/big.py", "file:///work/bytes.txt", "file:///work/data.xyz"
+    big = "value = 1\n" * 1_000_000 + "x" * 100_000 + " = "  # 10 MB, and a line of 100,000 characters
+    open_doc(client, uri, big)
+    assert (await asyncio.wait_for(inline(client, uri, 1_000_000, 100_003), 60)).items is not None
+    # What a client may send for bytes read from disk: NUL, and undecodable bytes as lone surrogates.
+    open_doc(client, text_uri, "a\x00b \udcff c ", language="plaintext")
+    assert (await inline(client, text_uri, 0, 8)).items
+    open_doc(client, other_uri, "some data ", language="cobol")  # no grammar: plain text
+    assert (await inline(client, other_uri, 0, 10)).items
+    for closed in (uri, text_uri, other_uri):
+        client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(closed)))
 
 
 async def test_requests_after_shutdown_get_an_error(server_command):
@@ -331,7 +350,7 @@ async def test_requests_after_shutdown_get_an_error(server_command):
     with pytest.raises(Exception, match="shutting down"):
         await asyncio.wait_for(inline(client, PY_URI, 0, 4), 10)
     client.exit(None)
-    await client.stop()
+    await asyncio.wait_for(client.stop(), 10)  # the process ends after `exit`
 
 
 async def test_a_model_that_cannot_load_is_reported_and_requests_answer_empty(tmp_path):

@@ -265,6 +265,7 @@ def wait_healthy(url, timeout=60):
     raise AssertionError(f"no engine at {url}")
 
 
+@pytest.mark.slow  # an engine killed and restarted, and a server waiting it out
 async def test_language_server_survives_the_engine_being_killed(constant_checkpoint):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -9,13 +9,18 @@ import sys
 from test_server import inline, open_doc, start, stop
 from test_service import engine_process, free_port, wait_healthy
 
-# `lacuna serve` as the console script runs it, noting at exit which heavy libraries it imported.
+# `lacuna serve` as the console script runs it, noting which heavy libraries it imported when it
+# leaves (through os._exit, which skips atexit).
 SERVER = """
-import atexit, json, sys
+import json, os, sys
 from lsp.cli import main
 heavy = ("torch", "numpy", "safetensors", "tokenizers", "fastapi")
-atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps(
-    sorted({name.split(".")[0] for name in sys.modules if name.split(".")[0] in heavy}))))
+leave = os._exit
+def report_and_leave(code):
+    with open(sys.argv[1], "w") as report:
+        report.write(json.dumps(sorted({name.split(".")[0] for name in sys.modules if name.split(".")[0] in heavy})))
+    leave(code)
+os._exit = report_and_leave
 sys.exit(main(["serve", *sys.argv[2:]]))
 """
 

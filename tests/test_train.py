@@ -528,6 +528,7 @@ def test_bundled_config_fits_64_mb():
 
 # -- the GPU job, run small on the CPU ---------------------------------------------------------
 
+@pytest.mark.slow  # the whole GPU job, rehearsed on the CPU
 def test_gpu_job_trains_evaluates_and_releases_within_the_limits(corpus, tmp_path):
     """The whole job as the GPU machine runs it (carried gzipped shards, training, HumanEval
     single-line, the release), tiny and on the CPU so that its first real run works."""
@@ -552,6 +553,7 @@ def test_gpu_job_trains_evaluates_and_releases_within_the_limits(corpus, tmp_pat
     assert load_checkpoint(out).model.config == TINY_CONFIG
 
 
+@pytest.mark.slow  # the whole GPU job, rehearsed on the CPU
 def test_gpu_job_cut_by_its_time_limit_leaves_its_last_release(corpus, tmp_path):
     import signal
     import subprocess
