@@ -30,7 +30,7 @@ class DecodeOptions:
     steps: int | None = None  # "steps": denoising steps (default: one token per step)
     threshold: float = 0.9  # "threshold": confidence at which a position is kept
     tokens_per_step: int = 4  # "fixed"
-    ordering: str = "confidence"
+    ordering: str | None = None  # None: the order the model's authors decode with (Family.ordering)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -41,7 +41,7 @@ class DecodeOptions:
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, not {self.policy!r}")
-        if self.ordering not in ORDERINGS:
+        if self.ordering is not None and self.ordering not in ORDERINGS:
             raise ValueError(f"ordering must be one of {ORDERINGS}, not {self.ordering!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError("steps must be at least 1")

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CheckpointError
+from .config import FAMILIES, CheckpointError
 
 # What a checkpoint directory needs (loader.py): weights, configs and the tokenizer. Pickled
 # weights (.bin, .pt) and Python files (modeling_*.py) are never fetched.
@@ -29,7 +29,6 @@ class CatalogEntry:
     parameters: str
     licence: str
     max_tokens: int  # the masked length its authors evaluate infilling with
-    ordering: str  # the unmasking order its authors use (engine.api.ORDERINGS)
     note: str = ""
     # A branch until the hub can be reached to read each repository's commit: `lacuna pull`
     # prints the commit it fetched, and `--model NAME@COMMIT` pins one.
@@ -37,24 +36,23 @@ class CatalogEntry:
 
 
 CATALOG = {entry.name: entry for entry in [
-    CatalogEntry("open-dcoder-0.5b", "fredzzp/open-dcoder-0.5B", "qwen2", "0.5B", "Apache-2.0", 32, "confidence",
+    CatalogEntry("open-dcoder-0.5b", "fredzzp/open-dcoder-0.5B", "qwen2", "0.5B", "Apache-2.0", 32,
                  "the one that runs on a laptop CPU"),
-    CatalogEntry("dream-coder-7b", "Dream-org/Dream-Coder-v0-Base-7B", "dream", "7B", "Apache-2.0", 64, "entropy"),
-    CatalogEntry("dream-coder-7b-instruct", "Dream-org/Dream-Coder-v0-Instruct-7B", "dream", "7B", "Apache-2.0", 64,
-                 "entropy"),
-    CatalogEntry("diffucoder-7b", "apple/DiffuCoder-7B-Base", "dream", "7B", "apple-amlr", 64, "entropy",
+    CatalogEntry("dream-coder-7b", "Dream-org/Dream-Coder-v0-Base-7B", "dream", "7B", "Apache-2.0", 64),
+    CatalogEntry("dream-coder-7b-instruct", "Dream-org/Dream-Coder-v0-Instruct-7B", "dream", "7B", "Apache-2.0", 64),
+    CatalogEntry("diffucoder-7b", "apple/DiffuCoder-7B-Base", "dream", "7B", "apple-amlr", 64,
                  "research licence, not for commercial use"),
     CatalogEntry("diffucoder-7b-instruct", "apple/DiffuCoder-7B-Instruct", "dream", "7B", "apple-amlr", 64,
-                 "entropy", "research licence, not for commercial use"),
-    CatalogEntry("diffucoder-7b-cpgrpo", "apple/DiffuCoder-7B-cpGRPO", "dream", "7B", "apple-amlr", 64, "entropy",
                  "research licence, not for commercial use"),
-    CatalogEntry("dream-7b", "Dream-org/Dream-v0-Base-7B", "dream", "7B", "Apache-2.0", 64, "entropy"),
-    CatalogEntry("dream-7b-instruct", "Dream-org/Dream-v0-Instruct-7B", "dream", "7B", "Apache-2.0", 64, "entropy"),
-    CatalogEntry("dreamon-7b", "Dream-org/DreamOn-v0-7B", "dream", "7B", "Apache-2.0", 64, "entropy",
+    CatalogEntry("diffucoder-7b-cpgrpo", "apple/DiffuCoder-7B-cpGRPO", "dream", "7B", "apple-amlr", 64,
+                 "research licence, not for commercial use"),
+    CatalogEntry("dream-7b", "Dream-org/Dream-v0-Base-7B", "dream", "7B", "Apache-2.0", 64),
+    CatalogEntry("dream-7b-instruct", "Dream-org/Dream-v0-Instruct-7B", "dream", "7B", "Apache-2.0", 64),
+    CatalogEntry("dreamon-7b", "Dream-org/DreamOn-v0-7B", "dream", "7B", "Apache-2.0", 64,
                  "expand/delete tokens (see the loader's message)"),
-    CatalogEntry("llada-8b", "GSAI-ML/LLaDA-8B-Base", "llada", "8B", "MIT", 64, "confidence"),
-    CatalogEntry("llada-8b-instruct", "GSAI-ML/LLaDA-8B-Instruct", "llada", "8B", "MIT", 64, "confidence"),
-    CatalogEntry("llada-1.5", "GSAI-ML/LLaDA-1.5", "llada", "8B", "MIT", 64, "confidence"),
+    CatalogEntry("llada-8b", "GSAI-ML/LLaDA-8B-Base", "llada", "8B", "MIT", 64),
+    CatalogEntry("llada-8b-instruct", "GSAI-ML/LLaDA-8B-Instruct", "llada", "8B", "MIT", 64),
+    CatalogEntry("llada-1.5", "GSAI-ML/LLaDA-1.5", "llada", "8B", "MIT", 64),
 ]}
 
 
@@ -125,7 +123,8 @@ def listing() -> list[dict]:
     model repository in the cache."""
     held = cached()
     known = {entry.repo for entry in CATALOG.values()}
-    rows = [{**vars(entry), "downloaded": held.get(entry.repo, [])} for entry in CATALOG.values()]
+    rows = [{**vars(entry), "ordering": FAMILIES[entry.family].ordering, "downloaded": held.get(entry.repo, [])}
+            for entry in CATALOG.values()]
     return rows + [{"name": repo, "repo": repo, "downloaded": commits} for repo, commits in held.items()
                    if repo not in known]
 

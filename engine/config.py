@@ -29,16 +29,21 @@ class Family:
     # engine heals it (Engine.submit). Lacuna's models train on prefix, middle and suffix
     # tokenized apart, as the server sends them, and need no healing.
     token_healing: bool = True
+    # The unmasking order the family's authors decode with, used when a request names none.
+    ordering: str = "confidence"
 
 
 # model_type in config.json -> family. Where each fact was read: tests/published.py.
 FAMILIES = {
     # Dream-v0, Dream-Coder, DiffuCoder, DreamOn ("Dream"): Qwen2.5 networks, shifted logits; DreamOn's
-    # infilling layout is [BOS] prefix masks suffix [EOS].
+    # infilling layout is [BOS] prefix masks suffix [EOS]. Dream's and DiffuCoder's READMEs decode
+    # with alg="entropy".
     "dream": Family("qwen2", 1, bos=True, eos_after_suffix=True, mask_tokens=("<|mask|>",),
-                    mask_hint="Dream-family checkpoints give mask_token_id in config.json (<|mask|>, 151666)"),
+                    mask_hint="Dream-family checkpoints give mask_token_id in config.json (<|mask|>, 151666)",
+                    ordering="entropy"),
     # Open-dCoder: a Qwen2 checkpoint, shifted logits; its infill evaluation feeds prefix masks
-    # suffix with no BOS or EOS, and its mask `<M>` exists only as an added token.
+    # suffix with no BOS or EOS, and its mask `<M>` exists only as an added token. It decodes by
+    # confidence (alg="p2"), as LLaDA does (low-confidence remasking).
     "qwen2": Family("qwen2", 1, bos=False, eos_after_suffix=False, mask_tokens=("<M>", "<|mask|>"),
                     mask_hint="Open-dCoder adds <M> to the tokenizer (151665)"),
     # LLaDA: Llama blocks under OLMo names (see `_llada_keys`), logits not shifted.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import functools
 import itertools
 import logging
@@ -137,6 +138,8 @@ class Engine:
         if not self._worker.is_alive():
             raise EngineError("the engine is closed")
         layout = self.layout(prefix, suffix, n_tokens)
+        if options.ordering is None:
+            options = dataclasses.replace(options, ordering=self.config.family.ordering)
         generator = None
         if options.temperature > 0:
             generator = torch.Generator(self.device)

@@ -45,6 +45,20 @@ def test_loads_with_the_family_s_special_ids_and_infills(published):
         engine.close()
 
 
+def test_requests_decode_in_the_family_s_own_order_unless_they_name_one(published):
+    """Dream's and DiffuCoder's authors unmask by entropy, LLaDA's and Open-dCoder's by confidence."""
+    name, directory, model_type, *_ = published
+    engine = Engine(load_checkpoint(directory), warmup=False)
+    try:
+        own = engine.submit("def f():\n    return ", "\n", 2)
+        named = engine.submit("x = ", "\n", 2, options=DecodeOptions(ordering="margin"))
+        own.result(), named.result()
+        assert own.denoiser.options.ordering == ("entropy" if model_type == "dream" else "confidence")
+        assert named.denoiser.options.ordering == "margin"
+    finally:
+        engine.close()
+
+
 def test_lacuna_complete_runs_on_the_published_layout(published, tmp_path, capsys):
     name, directory, *_ = published
     source = tmp_path / "f.py"
