@@ -23,7 +23,8 @@ import torch
 
 from .api import Capacity, Completion, DecodeOptions, EngineError
 from .catalog import resolve
-from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, quantize_int8, random_model
+from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, random_model
+from .quantize import quantize_int8
 from .runner import StepRunner
 from .sampler import Denoiser, Layout, build_layout
 from .scheduler import Request, Scheduler
@@ -55,7 +56,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.special = loaded.special
         self.config = loaded.model.config
-        self.device = loaded.model.lm_head.weight.device
+        self.device = loaded.model.device
         self.name = loaded.name + (" (random weights)" if loaded.random_weights else "")
         self.max_tokens = max_tokens
         self.max_batch_rows = max_batch_rows
@@ -82,7 +83,7 @@ class Engine:
              dtype: torch.dtype | None = None, int8: bool = False, **kwargs) -> Engine:
         """Load `model_dir` (a directory or a pulled model's name), or with none the bundled model;
         without that (a source tree without its weights), a tiny random-weight model whose output
-        is noise. `int8`: quantize the linear layers for a CPU (loader.quantize_int8)."""
+        is noise. `int8`: quantize the linear layers for a CPU (quantize.py)."""
         device = device or default_device()
         dtype = dtype or default_dtype(device)
         if model_dir is None and not (BUNDLED_DIR / "config.json").exists():

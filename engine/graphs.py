@@ -56,7 +56,7 @@ class StepGraph:
 
     def __init__(self, model: Transformer, rows: int, width: int, slots: int, shift: int,
                  options: DecodeOptions, counts: tuple[int | None, ...], special):
-        device = model.lm_head.weight.device
+        device = model.device
         self.shift, middle = shift, width - shift
         self.cache = model.new_cache(rows, slots)
         self.attn_mask = torch.zeros(rows, 1, 1, slots, dtype=torch.bool, device=device)

@@ -221,18 +221,6 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", dtype: torch.dty
     return LoadedModel(model, tokenizer, special, name=directory.name)
 
 
-def quantize_int8(loaded: LoadedModel) -> None:
-    """The transformer's linear layers as int8 with dynamically quantized activations (torch's own
-    dynamic quantization), in place: on 2 CPU cores a 0.5B model's infill runs about twice as fast.
-    The output head stays in float: it is computed only for the rows predicted."""
-    import warnings
-
-    with warnings.catch_warnings():  # torch announces a successor (torchao); this one still works
-        warnings.simplefilter("ignore")
-        loaded.model.model = torch.ao.quantization.quantize_dynamic(loaded.model.model, {torch.nn.Linear},
-                                                                    dtype=torch.qint8)
-
-
 def byte_tokenizer() -> Tokenizer:
     """A byte-level tokenizer with no merges (256 byte tokens + EOS, BOS, mask): for random models."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()

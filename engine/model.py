@@ -191,9 +191,17 @@ class Transformer(nn.Module):
                       rows if i == last else None)
         return self.model.norm(x)
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (an int8 head or layer still computes in it)."""
+        return self.model.embed_tokens.weight.dtype
+
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden).float()
 
     def new_cache(self, batch: int, slots: int) -> KVCache:
-        p = self.lm_head.weight
-        return KVCache(self.config, batch, slots, p.device, p.dtype)
+        return KVCache(self.config, batch, slots, self.device, self.dtype)

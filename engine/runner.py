@@ -39,7 +39,7 @@ class StepRunner:
         self.model = loaded.model
         self.special = loaded.special
         self.shift = self.model.config.family.logit_shift
-        self.device = self.model.lm_head.weight.device
+        self.device = self.model.device
         self.cuda_graphs = cuda_graphs
         self.full_windows = full_windows
         self.contexts: dict[int, Context] = {}  # by request id

@@ -9,7 +9,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from engine.config import CheckpointError
-from engine.loader import byte_tokenizer, load_checkpoint, quantize_int8, random_model, save_checkpoint
+from engine.loader import byte_tokenizer, load_checkpoint, random_model, save_checkpoint
+from engine.quantize import quantize_int8
 
 
 def logits(loaded, ids):
@@ -128,10 +129,22 @@ def test_int8_linear_layers_keep_the_model_s_predictions():
     quantize_int8(int8)
     ids = torch.randint(0, 256, (1, 40))
     expected, got = logits(fp32, ids), logits(int8, ids)
-    assert int8.model.model.layers[0].mlp.gate_proj.__class__.__name__ == "Linear"  # the quantized module
-    assert "quantized" in type(int8.model.model.layers[0].mlp.gate_proj).__module__
+    mlp = int8.model.model.layers[0].mlp
+    assert "quantized" in type(mlp.gate_proj).__module__
+    assert type(mlp.down_proj) is torch.nn.Linear  # its input's outliers: kept in float
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
     assert torch.allclose(got, expected, atol=0.05)
+
+
+def test_smoothing_before_int8_leaves_the_float_model_s_function_unchanged():
+    from engine.quantize import _smooth
+
+    plain, smoothed = random_model("tiny", seed=5), random_model("tiny", seed=5)
+    _smooth(smoothed)
+    assert not torch.equal(plain.model.model.layers[0].mlp.up_proj.weight,
+                           smoothed.model.model.layers[0].mlp.up_proj.weight)
+    ids = torch.randint(0, 256, (1, 40))
+    assert torch.allclose(logits(plain, ids), logits(smoothed, ids), atol=1e-4)
 
 
 def test_a_checkpoint_mixing_dtypes_loads_in_the_dtype_asked(tmp_path):

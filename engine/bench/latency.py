@@ -25,7 +25,8 @@ from ..catalog import resolve
 from ..config import PRESETS
 from ..engine import Engine, default_device, default_dtype
 from ..graphs import GRAPH_CHUNK, Replay
-from ..loader import load_checkpoint, quantize_int8, random_model
+from ..loader import load_checkpoint, random_model
+from ..quantize import quantize_int8
 
 SAMPLERS = ("reference", "cached", "cached+threshold", "autoregressive")
 # Peak memory bandwidth, GB/s, for the per-step lower bound (weight bytes / bandwidth).
@@ -51,13 +52,13 @@ class Autoregressive:
 
     def __init__(self, model, graphs: bool | None = None):
         self.model = model
-        device = model.lm_head.weight.device
+        device = model.device
         self.graphed = device.type == "cuda" if graphs is None else graphs  # on CPUs: replayed eagerly
         self.graphs: dict[int, tuple[Replay, dict]] = {}
 
     @torch.inference_mode()
     def __call__(self, context: list[int], n: int) -> list[int]:
-        model, device, graphed = self.model, self.model.lm_head.weight.device, self.graphed
+        model, device, graphed = self.model, self.model.device, self.graphed
         slots = len(context) + n + GRAPH_CHUNK  # room for a last chunk's extra steps
         if graphed:
             replay, state = self.graphs.get(slots) or self._graph(slots)
@@ -85,7 +86,7 @@ class Autoregressive:
         return torch.cat(out)[:n].tolist()  # one host sync, at the end
 
     def _graph(self, slots: int) -> tuple[Replay, dict]:
-        model, device = self.model, self.model.lm_head.weight.device
+        model, device = self.model, self.model.device
         state = {
             "cache": model.new_cache(1, slots),
             "token": torch.zeros(1, 1, dtype=torch.long, device=device),
@@ -152,7 +153,7 @@ def run(engine: Engine, *, shape: str, contexts=(512, 2048), middles=(16, 32, 64
                 p50 = statistics.median(times)
                 row = {
                     "sampler": sampler, "shape": shape, "device": str(device),
-                    "dtype": str(model.lm_head.weight.dtype).removeprefix("torch."),
+                    "dtype": str(model.dtype).removeprefix("torch."),
                     "context": context, "middle": middle, "steps": steps[0],
                     "p50_ms": round(p50, 3),
                     "p95_ms": round(sorted(times)[min(len(times) - 1, round(0.95 * (len(times) - 1)))], 3),

@@ -69,7 +69,7 @@ def masked_accuracy(model: Transformer, texts: list[str], tokenizer: Tokenizer, 
     model reads its context (a unigram model stays near 5% whatever the rate)."""
     was_training = model.training
     model.eval()
-    device = model.lm_head.weight.device
+    device = model.device
     sampler = ExampleSampler(texts, tokenizer, special, model.config.family, seq_len, holes_share=0.0,
                              plain_max_rate=1.0)
     batches = [sampler.batch(chunk, 8) for chunk in range(0, rows, 8)]  # the same text at every rate
