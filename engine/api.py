@@ -74,6 +74,8 @@ class Capacity:
     max_tokens: int  # masked tokens per request
     max_context: int | None  # positions for prefix, middle and suffix together; None: unknown
     reserved_tokens: int  # positions the layout adds around prefix and suffix (BOS, EOS)
+    # Context tokens one infill gets through per second, measured at start-up; None: unmeasured.
+    context_per_second: float | None = None
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ def default_dtype(device: str) -> torch.dtype:
 
 
 log = logging.getLogger(__name__)
+SPEED_CONTEXT = 256  # context tokens of the start-up infill that measures the engine's speed
 
 
 class Engine:
@@ -75,8 +76,10 @@ class Engine:
         self._worker = threading.Thread(target=self._serve, name="lacuna-engine", daemon=True)
         self._worker.start()
         atexit.register(self.close)  # the worker must not be running torch code at interpreter exit
+        self.context_per_second: float | None = None
         if warmup:
             self.complete("def f(", "):\n    pass\n", min(4, max_tokens))
+            self.context_per_second = self._measure_context_speed()
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, device: str | None = None,
@@ -184,7 +187,17 @@ class Engine:
         # The layout's lead is BOS (or, for a shifted model without one, EOS before an empty prefix).
         lead = 1 if self.special.bos is not None or family.logit_shift else 0
         return Capacity(self.max_tokens, self.config.max_position_embeddings,
-                        lead + int(family.eos_after_suffix))
+                        lead + int(family.eos_after_suffix), self.context_per_second)
+
+    def _measure_context_speed(self) -> float:
+        """Context tokens per second of a single-line infill after a realistic context: a server
+        fits its context to this, so that a slow device (a CPU with a real checkpoint) answers
+        within its time budget with less context rather than not at all."""
+        room = min(SPEED_CONTEXT, self.config.max_position_embeddings // 2)
+        context = self.encode("total = total + 1\n" * 100)[:room]
+        start = time.perf_counter()
+        self.submit_ids(context, [], min(16, self.max_tokens), options=DecodeOptions(policy="fixed")).result()
+        return len(context) / (time.perf_counter() - start)
 
     @property
     def pending(self) -> int:

@@ -26,6 +26,8 @@ ALTERNATIVES_TEMPERATURE = 0.8
 PREFIX_SHARE, SUFFIX_SHARE, SYNTAX_SHARE = 5 / 8, 1 / 4, 1 / 8
 PREFIX_PER_MASK = 8  # the prefix window is at most this many tokens per masked token the engine allows
 SUFFIX_TOKENS = SYNTAX_TOKENS = 256  # the most the suffix window and the syntax context get
+BUDGET_FOR_CONTEXT = 0.5  # the share of the time budget an infill's context may take
+MIN_CONTEXT_TOKENS = 64  # however slow the engine, the context it gets
 
 
 @dataclass
@@ -111,8 +113,14 @@ class Completer:
         capacity = self.engine.capacity
         prefix_tokens = capacity.max_tokens * PREFIX_PER_MASK
         suffix_tokens, syntax_tokens = SUFFIX_TOKENS, SYNTAX_TOKENS
-        if capacity.max_context is not None:
-            room = capacity.max_context - span.tokens - capacity.reserved_tokens
+        room = capacity.max_context - span.tokens - capacity.reserved_tokens if capacity.max_context else None
+        if capacity.context_per_second:
+            # Only as much context as the engine gets through in half the time budget: a slow
+            # device (a CPU with a real checkpoint) then suggests from less context, not nothing.
+            seconds = self.options.time_budget_ms / 1000 * BUDGET_FOR_CONTEXT
+            affordable = max(MIN_CONTEXT_TOKENS, int(capacity.context_per_second * seconds))
+            room = affordable if room is None else min(room, affordable)
+        if room is not None:
             prefix_tokens = min(prefix_tokens, int(room * PREFIX_SHARE))
             suffix_tokens = min(suffix_tokens, int(room * SUFFIX_SHARE))
             syntax_tokens = min(syntax_tokens, int(room * SYNTAX_SHARE))

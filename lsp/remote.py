@@ -79,8 +79,10 @@ class RemoteEngine:
             return
         self.device = health.get("device")
         if isinstance(health.get("max_tokens"), int):
+            speed = health.get("context_per_second")
             self.capacity = Capacity(health["max_tokens"], health.get("max_context"),
-                                     health.get("reserved_tokens") or 0)
+                                     health.get("reserved_tokens") or 0,
+                                     speed if isinstance(speed, (int, float)) and speed > 0 else None)
 
     def _went_down(self, err: Exception) -> None:
         if not self.up:

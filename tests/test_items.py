@@ -63,3 +63,16 @@ async def test_completer_fits_the_context_to_the_engines_capacity():
     unknown = Recorder(Capacity(max_tokens=64, max_context=None, reserved_tokens=0))
     await Completer(Options(), unknown).complete(doc, offset, [doc])
     assert len(unknown.asked[0][0]) > len(prefix)  # no model limit: the default windows
+
+
+async def test_a_slow_engine_gets_the_context_it_reads_within_the_time_budget():
+    text = "".join(f"line_{i} = {i}\n" for i in range(2000)) + "def f():\n    \n" + "x = 1\n" * 500
+    doc = Document("file:///slow.py", text, "python")
+    offset = text.index("def f():\n    ") + len("def f():\n    ")
+    fast = Recorder(Capacity(max_tokens=64, max_context=32768, reserved_tokens=2, context_per_second=1e6))
+    slow = Recorder(Capacity(max_tokens=64, max_context=32768, reserved_tokens=2, context_per_second=200))
+    for engine in (fast, slow):
+        await Completer(Options(time_budget_ms=1500), engine).complete(doc, offset, [doc])
+    # 200 tokens a second for half of 1.5 s: 150 tokens of context (at most about 3 characters each).
+    slow_context = sum(map(len, slow.asked[0][:2]))
+    assert slow_context <= 150 * 3 < sum(map(len, fast.asked[0][:2]))

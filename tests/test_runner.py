@@ -187,6 +187,19 @@ def test_closed_engine_refuses_work():
         engine.submit(PREFIX, SUFFIX, 4)
 
 
+def test_the_engine_measures_its_speed_at_start_up_and_reports_it():
+    engine = Engine(random_model("tiny"))
+    try:
+        assert engine.capacity.context_per_second > 0
+    finally:
+        engine.close()
+    cold = Engine(random_model("tiny"), warmup=False)
+    try:
+        assert cold.capacity.context_per_second is None
+    finally:
+        cold.close()
+
+
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
 
 

@@ -149,7 +149,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
         capacity = engine.capacity
         return {"status": "ok", "model": name, "device": str(engine.device), "pending": engine.pending,
                 "max_tokens": limits.max_tokens, "max_context": capacity.max_context,
-                "reserved_tokens": capacity.reserved_tokens, "pid": os.getpid(), "rss_mb": resident_mb()}
+                "reserved_tokens": capacity.reserved_tokens, "context_per_second": capacity.context_per_second,
+                "pid": os.getpid(), "rss_mb": resident_mb()}
 
     @app.get("/v1/models")
     async def models(request: Request):
