@@ -18,7 +18,7 @@ class Family:
     """What differs between open masked-diffusion model families beyond the architecture: the
     logit shift and the infill layout `[BOS] prefix MASK*N suffix [EOS]` each was trained with."""
 
-    style: str  # "llama" or "qwen2": decides QKV bias defaults
+    style: str  # "llama", "qwen2" or "qwen3": decides QKV bias defaults and q/k norms
     logit_shift: int  # 1: position i-1 predicts token i (Dream family); 0: position i (LLaDA)
     bos: bool  # whether the layout starts with the BOS token
     eos_after_suffix: bool  # whether the layout closes the suffix with EOS
@@ -50,6 +50,11 @@ FAMILIES = {
     "llada": Family("llama", 0, bos=True, eos_after_suffix=False, mask_tokens=("<|mdm_mask|>",),
                     mask_hint="LLaDA checkpoints give mask_token_id in config.json (<|mdm_mask|>, 126336)",
                     stop_tokens=("<|eot_id|>",)),
+    # CoDA (Salesforce): Qwen3 layers (q/k norms), shifted logits, bidirectional. It publishes no
+    # infill code; pre-training saw documents without BOS, so prefix masks suffix, as Open-dCoder.
+    # Its serving code decodes with alg="entropy".
+    "coda": Family("qwen3", 1, bos=False, eos_after_suffix=False, mask_tokens=("<|mask|>",),
+                   mask_hint="CoDA gives mask_token_id in config.json (<|mask|>, 151669)", ordering="entropy"),
     "llama": Family("llama", 0, bos=True, eos_after_suffix=False),
     # Lacuna's own models (engine/bundled): Qwen2 blocks, shifted, [BOS] prefix masks suffix [EOS].
     "lacuna": Family("qwen2", 1, bos=True, eos_after_suffix=True, token_healing=False),
@@ -62,7 +67,6 @@ UNSUPPORTED = {
     "fast_dllm_qwen": f"Fast-dLLM v2 is {BLOCK_DIFFUSION}",
     "sdar": f"SDAR is {BLOCK_DIFFUSION}",
     "sdar_moe": f"SDAR-MoE is {BLOCK_DIFFUSION}",
-    "coda": "CoDA's Qwen3 layers normalise queries and keys (q_norm, k_norm), which this engine's model lacks",
     "lladamoe": "LLaDA-MoE is a mixture of experts, which this engine's model lacks",
 }
 
@@ -86,6 +90,7 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2 always; Llama with attention_bias
     o_bias: bool = False  # Llama with attention_bias only
     tie_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3: queries and keys RMS-normalised per head before RoPE
 
     @property
     def family(self) -> Family:
@@ -95,7 +100,7 @@ class ModelConfig:
     def parameters(self) -> int:
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attention = h * (q + 2 * kv) + q * h + (q + 2 * kv) * self.qkv_bias + h * self.o_bias
-        layer = attention + 3 * h * self.intermediate_size + 2 * h
+        layer = attention + 3 * h * self.intermediate_size + 2 * h + 2 * self.head_dim * self.qk_norm
         return self.vocab_size * h * (1 if self.tie_embeddings else 2) + self.num_layers * layer + h
 
     @classmethod
@@ -136,8 +141,9 @@ class ModelConfig:
                 rope_theta=theta,
                 rope_scaling={} if rope_type == "default" else {**rope, "rope_type": rope_type},
                 qkv_bias=style == "qwen2" or bool(cfg.get("attention_bias", False)),
-                o_bias=style == "llama" and bool(cfg.get("attention_bias", False)),
+                o_bias=style in ("llama", "qwen3") and bool(cfg.get("attention_bias", False)),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qk_norm=style == "qwen3",
             )
         except KeyError as missing:
             raise CheckpointError(f"config.json lacks the key {missing.args[0]!r}") from None
@@ -147,7 +153,8 @@ class ModelConfig:
         rope = {"rope_type": "default", **self.rope_scaling, "rope_theta": self.rope_theta}
         return {
             "model_type": self.model_type,
-            "architectures": ["Qwen2ForCausalLM" if self.family.style == "qwen2" else "LlamaForCausalLM"],
+            "architectures": [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(self.family.style,
+                                                                                           "LlamaForCausalLM")],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,

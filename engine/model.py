@@ -93,12 +93,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=config.o_bias)
+        norm = (lambda: RMSNorm(self.head_dim, config.rms_norm_eps)) if config.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
 
     def forward(self, x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal, rows):
         """Writes keys and values of all of `x` into the cache (without one, attends over them
         alone); queries only `rows` of `x` when given."""
         b, t, _ = x.shape
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         k = k * cos + rotate_half(k) * sin
         if k_cache is not None:
@@ -108,7 +110,7 @@ class Attention(nn.Module):
         if rows is not None:
             x, cos, sin = x[:, rows], cos[:, :, rows], sin[:, :, rows]
         r = x.shape[1]
-        q = self.q_proj(x).view(b, r, self.heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(b, r, self.heads, self.head_dim)).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.heads != self.kv_heads,

@@ -33,8 +33,16 @@ from the families' own code or from copies of the published files, named beside 
   (Satgoy152/DualDiffusion@d3a3470): model_type "Fast_dLLM_Qwen", bd_size 32.
 - [SDAR-code] JetAstra/SDAR and sglang's sdar.py: model_type "sdar" / "sdar_moe", block diffusion.
 - [LLaDA-MoE-code] ZHZisZZ/dllm configuration_lladamoe.py: model_type "llada" with num_experts.
-- [CoDA-cfg] SalesforceAIResearch/CoDA CoDALanguageModel/config.json: model_type "CoDA", Qwen3
-  layers with q_norm / k_norm.
+- [CoDA] SalesforceAIResearch/CoDA@fa1d505, CoDALanguageModel/: config.json (model_type "CoDA",
+  architectures ["CoDALanguageModel"], hidden 2048, 28 layers, 16 heads / 8 KV of 128,
+  vocab_size 151936, no bias, mask_token_id 151669, pad_token_id 151643, no tie_word_embeddings,
+  bos/eos ids absent); modeling_coda.py and attention.py (Qwen3 layers: q_norm / k_norm per head
+  over head_dim before RoPE, RMSNorm weight * x, SDPA with is_causal=False and no mask, lm_head
+  its own Linear that nothing ties); generation_utils.py:457 shifts logits as Dream does;
+  tokenizer_config.json (add_bos_token false, bos and eos <|im_end|> 151645, pad <|endoftext|>
+  151643, mask <|mask|> 151669); serving/fast-api decodes with alg "entropy". Licence CC BY-NC 4.0.
+  No infill code is published: the layout is Open-dCoder's (prefix masks suffix), as pre-training
+  saw documents without BOS.
 """
 
 from __future__ import annotations
@@ -223,6 +231,27 @@ def llada(directory: Path) -> Path:
                    "tokenizer_class": "PreTrainedTokenizerFast"})
 
 
+def coda(directory: Path) -> Path:
+    """CoDA-v0-Instruct [CoDA]: Qwen3 layers with q/k norms and no biases, an untied head, the mask
+    <|mask|> in config.json, after Qwen3's added tokens."""
+    tokenizer = byte_tokenizer_with(QWEN_SPECIALS + ["<|file_sep|>", "<|mask|>"])
+    pad, mask = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|mask|>")
+    rows = 288
+    weights = {name: tensor for name, tensor in _qwen2_weights(rows, tied=False, seed=7).items()
+               if not name.endswith("_proj.bias")}
+    g = torch.Generator().manual_seed(8)
+    for i in range(LAYERS):
+        for norm in ("q_norm", "k_norm"):
+            weights[f"model.layers.{i}.self_attn.{norm}.weight"] = 1 + 0.1 * _random(HIDDEN // HEADS, generator=g)
+    config = _qwen2_config(rows, architectures=["CoDALanguageModel"], model_type="CoDA", attention_bias=False,
+                           attention_dropout=0.0, head_dim=HIDDEN // HEADS, mask_token_id=mask, pad_token_id=pad,
+                           auto_map={"AutoConfig": "model_config.CoDAConfig",
+                                     "AutoModel": "modeling_coda.CoDALanguageModel"})
+    return _write(directory, config, weights, tokenizer,
+                  {"add_bos_token": False, "bos_token": "<|im_end|>", "eos_token": "<|im_end|>",
+                   "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "tokenizer_class": "Qwen2Tokenizer"})
+
+
 # name -> (writer, model_type, logit shift, the layout's lead and tail tokens by name)
 SUPPORTED = {
     "llada-8b-instruct": (llada, "llada", 0, ["<|startoftext|>"], []),
@@ -231,6 +260,7 @@ SUPPORTED = {
     "diffucoder-7b-instruct": (diffucoder, "dream", 1, ["<|endoftext|>"], ["<|endoftext|>"]),
     "dreamon-7b": (dreamon, "dream", 1, ["<|beginoftext|>"], ["<|endoftext|>"]),
     "open-dcoder-0.5b": (open_dcoder, "qwen2", 1, [], []),
+    "coda-1.7b-instruct": (coda, "coda", 1, [], []),
 }
 
 
@@ -246,8 +276,6 @@ def unsupported(directory: Path, kind: str) -> Path:
         "sdar": {"model_type": "sdar", "architectures": ["SDARForCausalLM"]},
         # [LLaDA-MoE-code]
         "llada-moe": {"model_type": "llada", "num_experts": 64, "num_experts_per_tok": 8, "moe_layer_freq": 1},
-        # [CoDA-cfg]
-        "coda": {"model_type": "CoDA", "architectures": ["CoDALanguageModel"]},
     }[kind])
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     return directory

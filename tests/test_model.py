@@ -1,8 +1,8 @@
-"""Our transformer against transformers' Qwen2 and Llama run bidirectionally."""
+"""Our transformer against transformers' Qwen2, Llama and Qwen3 (CoDA's layers) run bidirectionally."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from engine.config import ModelConfig
 from engine.model import Transformer
@@ -18,6 +18,8 @@ CASES = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     "llama-linear-rope-bias": (LlamaConfig, LlamaForCausalLM, dict(
         attention_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    # CoDA's network is Qwen3's (q/k norms, no biases) with its own model_type.
+    "coda-qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(tie_word_embeddings=False, head_dim=24, rope_theta=1e6)),
 }
 
 
@@ -25,7 +27,10 @@ def pair(case):
     config_cls, model_cls, extra = CASES[case]
     torch.manual_seed(0)
     hf = model_cls._from_config(config_cls(**COMMON, **extra), dtype=torch.float32).eval()
-    ours = Transformer(ModelConfig.from_hf(hf.config.to_dict())).eval()
+    config = hf.config.to_dict()
+    if config_cls is Qwen3Config:
+        config["model_type"] = "CoDA"
+    ours = Transformer(ModelConfig.from_hf(config)).eval()
     ours.load_state_dict(hf.state_dict(), strict=not ours.config.tie_embeddings)
     return hf, ours
 

@@ -30,7 +30,7 @@ def test_loads_with_the_family_s_special_ids_and_infills(published):
     config, tokenizer, special = loaded.model.config, loaded.tokenizer, loaded.special
     assert (config.model_type, config.family.logit_shift) == (model_type, shift)
     assert tokenizer.id_to_token(special.mask) in ("<|mask|>", "<|mdm_mask|>", "<M>")
-    assert tokenizer.id_to_token(special.eos) == "<|endoftext|>"
+    assert tokenizer.token_to_id("<|endoftext|>") in special.stop_ids
     # Embedding rows beyond the tokenizer are never predicted.
     assert set(range(tokenizer.get_vocab_size(), config.vocab_size)) <= set(special.banned)
     engine = Engine(loaded, warmup=False)
@@ -46,14 +46,14 @@ def test_loads_with_the_family_s_special_ids_and_infills(published):
 
 
 def test_requests_decode_in_the_family_s_own_order_unless_they_name_one(published):
-    """Dream's and DiffuCoder's authors unmask by entropy, LLaDA's and Open-dCoder's by confidence."""
+    """Dream's, DiffuCoder's and CoDA's authors unmask by entropy, LLaDA's and Open-dCoder's by confidence."""
     name, directory, model_type, *_ = published
     engine = Engine(load_checkpoint(directory), warmup=False)
     try:
         own = engine.submit("def f():\n    return ", "\n", 2)
         named = engine.submit("x = ", "\n", 2, options=DecodeOptions(ordering="margin"))
         own.result(), named.result()
-        assert own.denoiser.options.ordering == ("entropy" if model_type == "dream" else "confidence")
+        assert own.denoiser.options.ordering == ("entropy" if model_type in ("dream", "coda") else "confidence")
         assert named.denoiser.options.ordering == "margin"
     finally:
         engine.close()
@@ -132,7 +132,6 @@ def test_llada_s_published_names_compute_llada_s_forward(tmp_path):
     ("fast-dllm-v2", ["Fast-dLLM v2", "block-diffusion"]),
     ("sdar", ["SDAR", "block-diffusion"]),
     ("llada-moe", ["LLaDA-MoE", "mixture of experts"]),
-    ("coda", ["CoDA", "q_norm"]),
 ])
 def test_a_family_the_engine_cannot_run_is_refused_at_load_by_name(tmp_path, kind, names):
     with pytest.raises(CheckpointError, match="unsupported model") as refused:
