@@ -134,5 +134,6 @@ def test_int8_keeps_a_real_model_s_next_token_predictions(smollm2):
                 for name, p in (("fp32", expected), ("Lacuna's int8", predictions(ours.model)))}
     print(f"SmolLM2-135M, {ids.shape[1]} tokens of real code: top-1 agreement with fp32 {agreement}; "
           f"next-token accuracy {accuracy}")
-    assert agreement["Lacuna's int8"] > 0.85
-    assert agreement["Lacuna's int8"] > agreement["plain int8"] + 0.2
+    assert agreement["Lacuna's int8"] > 0.8  # 0.85-0.88 measured, with the calibration text
+    assert agreement["Lacuna's int8"] > agreement["plain int8"] + 0.3
+    assert accuracy["Lacuna's int8"] > accuracy["fp32"] - 0.03
