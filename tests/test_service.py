@@ -111,6 +111,7 @@ def test_health_models_and_metrics(constant_service):
     url = constant_service.url
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["device"] == "cpu" and health["max_tokens"] == 64
+    assert health["context_per_second"] > 0  # measured at start-up: editors fit their context to it
     models = httpx.get(f"{url}/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == health["model"]
     fim(url, {"prompt": "a = ", "max_tokens": 2})
@@ -236,6 +237,7 @@ async def test_remote_engine_sends_the_api_key_from_the_environment(constant_ser
         monkeypatch.setenv("LACUNA_API_KEY", "s3cret")
         remote = RemoteEngine(service.url, model="hosted-model-name")
         assert [c.text for c in await remote.infill("a = ", "", 2, n=2)] == ["xx", "xx"]
+        assert remote.capacity.context_per_second == constant_service.engine.context_per_second
         await remote.close()
     finally:
         service.stop()
