@@ -35,25 +35,22 @@ class CatalogEntry:
     revision: str = "main"
 
 
+RESEARCH = "research licence, not for commercial use"
+CODA_NOTE = "non-commercial licence; no published infill evaluation"
 CATALOG = {entry.name: entry for entry in [
     CatalogEntry("open-dcoder-0.5b", "fredzzp/open-dcoder-0.5B", "qwen2", "0.5B", "Apache-2.0", 32,
                  "the one that runs on a laptop CPU"),
     CatalogEntry("dream-coder-7b", "Dream-org/Dream-Coder-v0-Base-7B", "dream", "7B", "Apache-2.0", 64),
     CatalogEntry("dream-coder-7b-instruct", "Dream-org/Dream-Coder-v0-Instruct-7B", "dream", "7B", "Apache-2.0", 64),
-    CatalogEntry("diffucoder-7b", "apple/DiffuCoder-7B-Base", "dream", "7B", "apple-amlr", 64,
-                 "research licence, not for commercial use"),
-    CatalogEntry("diffucoder-7b-instruct", "apple/DiffuCoder-7B-Instruct", "dream", "7B", "apple-amlr", 64,
-                 "research licence, not for commercial use"),
-    CatalogEntry("diffucoder-7b-cpgrpo", "apple/DiffuCoder-7B-cpGRPO", "dream", "7B", "apple-amlr", 64,
-                 "research licence, not for commercial use"),
+    CatalogEntry("diffucoder-7b", "apple/DiffuCoder-7B-Base", "dream", "7B", "apple-amlr", 64, RESEARCH),
+    CatalogEntry("diffucoder-7b-instruct", "apple/DiffuCoder-7B-Instruct", "dream", "7B", "apple-amlr", 64, RESEARCH),
+    CatalogEntry("diffucoder-7b-cpgrpo", "apple/DiffuCoder-7B-cpGRPO", "dream", "7B", "apple-amlr", 64, RESEARCH),
     CatalogEntry("dream-7b", "Dream-org/Dream-v0-Base-7B", "dream", "7B", "Apache-2.0", 64),
     CatalogEntry("dream-7b-instruct", "Dream-org/Dream-v0-Instruct-7B", "dream", "7B", "Apache-2.0", 64),
     CatalogEntry("dreamon-7b", "Dream-org/DreamOn-v0-7B", "dream", "7B", "Apache-2.0", 64,
                  "expand/delete tokens (see the loader's message)"),
-    CatalogEntry("coda-1.7b", "Salesforce/CoDA-v0-Base", "coda", "1.7B", "CC-BY-NC-4.0", 64,
-                 "non-commercial licence; no published infill evaluation"),
-    CatalogEntry("coda-1.7b-instruct", "Salesforce/CoDA-v0-Instruct", "coda", "1.7B", "CC-BY-NC-4.0", 64,
-                 "non-commercial licence; no published infill evaluation"),
+    CatalogEntry("coda-1.7b", "Salesforce/CoDA-v0-Base", "coda", "1.7B", "CC-BY-NC-4.0", 64, CODA_NOTE),
+    CatalogEntry("coda-1.7b-instruct", "Salesforce/CoDA-v0-Instruct", "coda", "1.7B", "CC-BY-NC-4.0", 64, CODA_NOTE),
     CatalogEntry("llada-8b", "GSAI-ML/LLaDA-8B-Base", "llada", "8B", "MIT", 64),
     CatalogEntry("llada-8b-instruct", "GSAI-ML/LLaDA-8B-Instruct", "llada", "8B", "MIT", 64),
     CatalogEntry("llada-1.5", "GSAI-ML/LLaDA-1.5", "llada", "8B", "MIT", 64),

@@ -70,11 +70,13 @@ def _input_maxima(loaded: LoadedModel) -> dict[nn.Linear, torch.Tensor]:
 def _smooth(loaded: LoadedModel) -> None:
     model = loaded.model
     maxima = _input_maxima(loaded)
-    head = nn.Linear(model.config.hidden_size, model.lm_head.out_features, bias=False,
-                     device=model.device, dtype=model.dtype)
-    head.weight.copy_(model.lm_head.weight)  # untied: the embedding stays as it is
-    maxima[head] = maxima[model.lm_head]
-    model.lm_head = head
+    head = model.lm_head
+    if head.weight is model.model.embed_tokens.weight:  # tied: smooth a copy, the embedding stays
+        head = nn.Linear(model.config.hidden_size, head.out_features, bias=False, device=model.device,
+                         dtype=model.dtype)
+        head.weight.copy_(model.lm_head.weight)
+        maxima[head] = maxima[model.lm_head]
+        model.lm_head = head
     groups = [(layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
               for layer in model.model.layers]
     groups += [(layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))

@@ -136,11 +136,18 @@ def test_int8_linear_layers_keep_the_model_s_predictions():
     assert torch.allclose(got, expected, atol=0.05)
 
 
-def test_smoothing_before_int8_leaves_the_float_model_s_function_unchanged():
+@pytest.mark.parametrize("tied", [True, False])
+def test_smoothing_before_int8_leaves_the_float_model_s_function_unchanged(tied):
+    from dataclasses import replace
+
+    from engine.config import PRESETS
     from engine.quantize import _smooth
 
-    plain, smoothed = random_model("tiny", seed=5), random_model("tiny", seed=5)
+    shape = replace(PRESETS["tiny"], tie_embeddings=tied)
+    plain, smoothed = random_model(shape, seed=5), random_model(shape, seed=5)
+    embedding = smoothed.model.model.embed_tokens.weight.clone()
     _smooth(smoothed)
+    assert torch.equal(smoothed.model.model.embed_tokens.weight, embedding)  # a tied head is smoothed on a copy
     assert not torch.equal(plain.model.model.layers[0].mlp.up_proj.weight,
                            smoothed.model.model.layers[0].mlp.up_proj.weight)
     ids = torch.randint(0, 256, (1, 40))
