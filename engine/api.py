@@ -17,7 +17,7 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
 
 API_KEY_ENV = "LACUNA_API_KEY"  # the engine service's key: `lacuna engine` requires it, its clients send it
 POLICIES = ("steps", "threshold", "fixed")
-ORDERINGS = ("confidence", "margin", "entropy")
+ORDERINGS = ("confidence", "margin", "entropy", "left_to_right")
 
 
 class EngineError(RuntimeError):

@@ -57,7 +57,7 @@ FAMILIES = {
                    mask_hint="CoDA gives mask_token_id in config.json (<|mask|>, 151669)", ordering="entropy"),
     "llama": Family("llama", 0, bos=True, eos_after_suffix=False),
     # Lacuna's own models (engine/bundled): Qwen2 blocks, shifted, [BOS] prefix masks suffix [EOS].
-    "lacuna": Family("qwen2", 1, bos=True, eos_after_suffix=True, token_healing=False),
+    "lacuna": Family("qwen2", 1, bos=True, eos_after_suffix=True, token_healing=False, ordering="left_to_right"),
 }
 
 # Open diffusion coders whose layout is known and that this engine cannot run, by model_type.

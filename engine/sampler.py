@@ -7,8 +7,10 @@ masked position; a policy picks which predictions to keep:
   threshold, at least one per step;
 - "fixed": a fixed number of tokens per step (for random-weight benchmarks, which have no
   meaningful confidence).
-The ordering ("confidence", "margin", "entropy") ranks positions; temperature and top-p shape
-the token draw. Once a position decodes to EOS or pad, the infill ends there.
+The ordering ("confidence", "margin", "entropy") ranks positions; "left_to_right" keeps the
+leftmost masked position and the confident run right after it (a small model reads best when the
+middle grows from the prefix, as it was trained). Temperature and top-p shape the token draw.
+Once a position decodes to EOS or pad, the infill ends there.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class Denoiser:
         if count is None:
             keep = confidence >= self.options.threshold
             keep.scatter_(1, score.argmax(dim=1, keepdim=True), True)  # at least one per step
+            if self.options.ordering == "left_to_right":  # only a run that continues what is decoded
+                keep = (keep | ~masked).cumprod(dim=1).bool()
         else:
             keep = torch.zeros_like(masked).scatter_(1, score.topk(min(count, score.shape[1]), dim=1).indices, True)
         keep &= masked
@@ -181,6 +185,8 @@ class Denoiser:
             score = top2[..., 0] - top2[..., 1]
         elif opts.ordering == "entropy":
             score = (probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+        elif opts.ordering == "left_to_right":
+            score = -torch.arange(probs.shape[-2], device=probs.device, dtype=probs.dtype).expand(probs.shape[:-1])
         else:
             score = confidence
         return tokens, confidence, score

@@ -100,6 +100,20 @@ def test_orderings_rank_positions_differently():
         assert den.masked[0].tolist().index(False) == chosen, ordering
 
 
+def test_left_to_right_keeps_the_leftmost_and_the_confident_run_after_it():
+    den = denoiser(n=5, policy="threshold", threshold=0.9, ordering="left_to_right")
+    step(den, [(1, 0.2), (2, 0.95), (3, 0.5), (4, 0.99), (5, 0.1)])
+    assert den.masked.tolist() == [[False, False, True, True, True]]  # 4 is confident but not next
+    den.update(logits_for([(3, 0.95), (4, 0.99), (5, 0.1)]), torch.arange(2, 5))
+    assert den.masked.tolist() == [[False, False, False, False, True]]
+    den.update(logits_for([(5, 0.5)]), torch.arange(4, 5))
+    assert den.done and den.result_rows()[0][0] == [1, 2, 3, 4, 5]
+    # With a fixed count, the leftmost positions.
+    den = denoiser(n=4, policy="fixed", tokens_per_step=2, ordering="left_to_right")
+    step(den, [(1, 0.2), (2, 0.1), (3, 0.99), (4, 0.99)])
+    assert den.masked.tolist() == [[False, False, True, True]]
+
+
 def test_eos_ends_the_infill():
     den = denoiser(n=4, policy="threshold", threshold=0.9)
     step(den, [(5, 0.95), (EOS, 0.95), (2, 0.1), (3, 0.1)])

@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import sysconfig
@@ -308,21 +309,27 @@ def test_a_row_with_one_hole_is_the_engine_layout(corpus, model_type):
     special, family = special_ids(tokenizer), FAMILIES[model_type]
     sampler = ExampleSampler(["x = 1\n"], tokenizer, special, family, 64)
     prefix, middle, suffix = [10, 11, 12], [20, 21], [30, 31]
-    tokens, maskable, _ = sampler._assemble_holes({"masks": [5]}, [prefix, middle, suffix])
+    row = sampler._assemble_holes({"masks": [5]}, [prefix, middle, suffix])
     pad, eos = special.pad, special.eos
     expected = [special.bos, 10, 11, 12, 20, 21, pad, pad, pad, 30, 31] + ([eos] if model_type == "lacuna" else [])
-    assert tokens == expected
-    assert [i for i, m in enumerate(maskable) if m] == [4, 5, 6, 7, 8]
-    # Fully noised (t = 1), the row is exactly what the engine feeds for this request.
-    batch = collate([(tokens, maskable, "holes")], len(tokens), pad, torch.ones(1))
-    noisy, masked = add_noise(batch, torch.Generator().manual_seed(0), special.mask, t=torch.ones(1))
+    assert row.tokens == expected
+    assert [i for i, m in enumerate(row.holes) if m] == [4, 5, 6, 7, 8] and not any(row.maskable)
+    assert [i for i, m in enumerate(row.unscored) if m] == [7, 8]  # the pads after the first
+    # Not yet decoded, the row is exactly what the engine feeds for this request; the loss scores
+    # the middle and the pad that ends it.
+    batch = collate([row], len(row.tokens), pad, torch.ones(1))
+    noisy, masked = add_noise(batch, torch.Generator().manual_seed(0), special.mask)
     layout = build_layout(prefix, suffix, 5, mask=special.mask, bos=special.bos, eos=eos,
                           eos_after_suffix=family.eos_after_suffix, shifted=family.logit_shift == 1, max_len=64)
     assert noisy[0].tolist() == layout.tokens and (layout.start, layout.end) == (4, 9)
-    assert masked.sum() == 5
+    assert masked.nonzero()[:, 1].tolist() == [4, 5, 6]
+    # As decoding leaves it: the hole is masked from a point within its middle and first pad.
+    starts = {sampler._assemble_holes({"masks": [5]}, [prefix, middle, suffix], random.Random(seed)).holes.index(True)
+              for seed in range(40)}
+    assert starts == {4, 5, 6}
     # A middle longer than its masked length stays text: the server could not have asked for it.
-    tokens, maskable, _ = sampler._assemble_holes({"masks": [1]}, [prefix, middle, suffix])
-    assert tokens[1:8] == prefix + middle + suffix and not any(maskable)
+    row = sampler._assemble_holes({"masks": [1]}, [prefix, middle, suffix])
+    assert row.tokens[1:8] == prefix + middle + suffix and not any(row.holes)
 
 
 def test_holes_are_where_and_as_long_as_the_server_asks(corpus):
@@ -336,12 +343,21 @@ def test_holes_are_where_and_as_long_as_the_server_asks(corpus):
         batch = sampler.batch(step, 16)
         assert torch.equal(batch.clean, sampler.batch(step, 16).clean)  # a pure function of the step
         assert batch.max_rate.tolist() == [1.0] * 16
+        assert not batch.maskable.any() and not (batch.unscored & ~batch.holes).any()
         attn = batch.attn if batch.attn is not None else torch.ones_like(batch.maskable)
-        for row, can_mask, real in zip(batch.clean.tolist(), batch.maskable.tolist(), attn.tolist()):
+        for row, real in zip(batch.clean.tolist(), attn.tolist()):
             n = sum(real)
             assert real == [True] * n + [False] * (len(real) - n)  # padding only after the row's end
             assert row[0] == special.bos and row[n - 1] == special.eos  # qwen2 closes the suffix with EOS
             assert special.mask not in row
+        # The same rows with each hole masked whole, as the server asks for it.
+        rng = random.Random(f"3:{step}")
+        for _ in range(16):
+            rng.random()
+            plan = sampler._plan_holes(rng)
+            ids = [tokenizer.encode(text, add_special_tokens=False).ids for text in plan["texts"]]
+            row = sampler._assemble_holes(plan, ids)
+            row, can_mask = row.tokens, row.holes
             runs, start = [], None
             for i, m in enumerate(can_mask + [False]):
                 if m and start is None:
@@ -393,7 +409,8 @@ def test_loss_is_the_mean_cross_entropy_of_masked_tokens():
     maskable[0, 1:] = True  # a plain row: every token but BOS
     maskable[1, 2:5] = True  # a row with a hole of three, then padding the model must not see
     attn = torch.tensor([[True] * 10, [True] * 7 + [False] * 3])
-    batch = Batch(clean, maskable, attn, torch.tensor([0.5, 1.0]), ["plain", "holes"])
+    none = torch.zeros_like(maskable)
+    batch = Batch(clean, maskable, none, none, attn, torch.tensor([0.5, 1.0]), ["plain", "holes"])
     masked = torch.zeros_like(maskable)
     masked[0, [2, 5, 9]] = True
     masked[1, [3, 4]] = True

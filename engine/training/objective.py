@@ -2,8 +2,9 @@
 
 Masked diffusion (the mean cross-entropy of masked tokens) over rows of code with holes where the
 language server's own span rules would ask for a completion, each laid out as the engine lays out
-a request's middle (`[BOS] prefix MASK*N suffix [EOS]`: the middle, then a tail of pad tokens), and
-over plain rows masked at low rates.
+a request's middle (`[BOS] prefix MASK*N suffix [EOS]`: the middle, then a tail of pad tokens) and
+masked from a random point on, as the engine's left-to-right decoding leaves it; and over plain
+rows masked at low rates.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,10 +30,20 @@ from ..loader import SpecialIds
 from ..model import Transformer
 
 
+class Row(NamedTuple):
+    tokens: list[int]
+    maskable: list[bool]  # positions the noise may mask (plain rows)
+    holes: list[bool]  # positions masked already: each hole's rest, from where decoding has reached
+    unscored: list[bool]  # masked positions the loss skips: a hole's pad after its first
+    kind: str
+
+
 @dataclass
 class Batch:
     clean: Tensor  # (B, L) long: the uncorrupted sequences (pad after a row's end)
-    maskable: Tensor  # (B, L) bool: positions the noise may mask and the loss scores
+    maskable: Tensor  # (B, L) bool: positions the noise may mask
+    holes: Tensor  # (B, L) bool: positions masked whatever the noise
+    unscored: Tensor  # (B, L) bool: masked positions the loss skips
     attn: Tensor | None  # (B, L) bool: real tokens; None when every row fills L
     max_rate: Tensor  # (B,) float: the highest masking rate the noise draws for each row
     kinds: list[str]
@@ -41,35 +53,38 @@ class Batch:
         return int(self.attn.sum()) if self.attn is not None else self.clean.numel()
 
     def to(self, device) -> Batch:
-        return Batch(self.clean.to(device), self.maskable.to(device),
-                     None if self.attn is None else self.attn.to(device), self.max_rate.to(device), self.kinds)
+        return Batch(self.clean.to(device), self.maskable.to(device), self.holes.to(device),
+                     self.unscored.to(device), None if self.attn is None else self.attn.to(device),
+                     self.max_rate.to(device), self.kinds)
 
 
-def collate(rows: list[tuple[list[int], list[bool], str]], seq_len: int, pad: int, max_rate: Tensor) -> Batch:
+def collate(rows: list[Row], seq_len: int, pad: int, max_rate: Tensor) -> Batch:
     clean = torch.full((len(rows), seq_len), pad, dtype=torch.long)
-    maskable = torch.zeros(len(rows), seq_len, dtype=torch.bool)
-    attn = torch.zeros(len(rows), seq_len, dtype=torch.bool)
-    for i, (tokens, can_mask, _) in enumerate(rows):
-        if len(tokens) > seq_len:
-            raise ValueError(f"an example of {len(tokens)} tokens exceeds seq_len {seq_len}")
-        clean[i, :len(tokens)] = torch.tensor(tokens)
-        maskable[i, :len(tokens)] = torch.tensor(can_mask)
-        attn[i, :len(tokens)] = True
-    return Batch(clean, maskable, None if bool(attn.all()) else attn, max_rate, [kind for _, _, kind in rows])
+    flags = torch.zeros(4, len(rows), seq_len, dtype=torch.bool)  # maskable, holes, unscored, attn
+    for i, row in enumerate(rows):
+        if len(row.tokens) > seq_len:
+            raise ValueError(f"an example of {len(row.tokens)} tokens exceeds seq_len {seq_len}")
+        clean[i, :len(row.tokens)] = torch.tensor(row.tokens)
+        flags[:3, i, :len(row.tokens)] = torch.tensor([row.maskable, row.holes, row.unscored])
+        flags[3, i, :len(row.tokens)] = True
+    maskable, holes, unscored, attn = flags
+    return Batch(clean, maskable, holes, unscored, None if bool(attn.all()) else attn, max_rate,
+                 [row.kind for row in rows])
 
 
 def add_noise(batch: Batch, generator: torch.Generator, mask_id: int, eps: float = 1e-3,
               t: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The forward process: each maskable token of row i is masked with probability
     eps + (max_rate_i - eps) t_i, t drawn stratified over the batch ((u + i/B) mod 1, as MDLM's
-    low-discrepancy sampler) unless given. Returns (noisy tokens, masked)."""
+    low-discrepancy sampler) unless given; the holes' masks are added. Returns (noisy tokens,
+    masked: the positions the loss scores)."""
     b, length = batch.clean.shape
     if t is None:
         u = torch.rand(1, generator=generator)
         t = (u + torch.arange(b) / b) % 1.0
     p = eps + (batch.max_rate.float() - eps) * t.float()
-    masked = batch.maskable & (torch.rand(b, length, generator=generator) < p[:, None])
-    return torch.where(masked, mask_id, batch.clean), masked
+    masked = batch.maskable & (torch.rand(b, length, generator=generator) < p[:, None]) | batch.holes
+    return torch.where(masked, mask_id, batch.clean), masked & ~batch.unscored
 
 
 def hidden_states(model: Transformer, tokens: Tensor, attn: Tensor | None = None) -> Tensor:
@@ -122,9 +137,11 @@ class ExampleSampler:
     Whether the server would ask there, and for how many masked tokens (a single line or a block),
     is decided by the server's own `plan_span` on the text as the user would see it; the hole is
     the true middle followed by pad up to that count, so the model learns where an infill ends.
-    Each hole's tokens are masked at a rate t ~ U(0, 1) (the engine starts from all masked and
-    unmasks step by step). The other rows are uniform masked diffusion over plain text, at rates
-    up to `plain_max_rate` (completion never sees a mostly masked file).
+    Each hole is masked from a point drawn uniformly over its middle and the pad that ends it, as
+    the engine's left-to-right decoding leaves it after some steps; the loss scores the masked
+    middle and that first pad, not the pads after it (nothing decodes them: the infill has
+    ended). The other rows are uniform masked diffusion over plain text, at rates up to
+    `plain_max_rate` (completion never sees a mostly masked file).
     """
 
     def __init__(self, texts: list[str], tokenizer: Tokenizer, special: SpecialIds, family: Family, seq_len: int,
@@ -149,8 +166,9 @@ class ExampleSampler:
         rows = []
         for plan in plans:
             ids = [next(encoded) for _ in plan["texts"]]
-            rows.append(self._assemble_holes(plan, ids) if plan["kind"] == "holes" else self._assemble_plain(plan, ids))
-        max_rate = torch.tensor([1.0 if kind == "holes" else self.plain_max_rate for _, _, kind in rows])
+            rows.append(self._assemble_holes(plan, ids, rng) if plan["kind"] == "holes"
+                        else self._assemble_plain(plan, ids))
+        max_rate = torch.tensor([1.0 if row.kind == "holes" else self.plain_max_rate for row in rows])
         return collate(rows, self.seq_len, self.special.pad, max_rate)
 
     # plain rows
@@ -170,7 +188,7 @@ class ExampleSampler:
             got += len(texts[-1])
         return {"kind": "plain", "texts": texts, "ends": ends}
 
-    def _assemble_plain(self, plan: dict, ids: list[list[int]]) -> tuple[list[int], list[bool], str]:
+    def _assemble_plain(self, plan: dict, ids: list[list[int]]) -> Row:
         lead = self.special.bos if self.special.bos is not None else self.special.eos
         tokens = [lead]
         for piece, ends in zip(ids, plan["ends"]):
@@ -180,7 +198,8 @@ class ExampleSampler:
             if len(tokens) >= self.seq_len:
                 break
         tokens = tokens[:self.seq_len]
-        return tokens, [False] + [True] * (len(tokens) - 1), "plain"
+        none = [False] * len(tokens)
+        return Row(tokens, [False] + [True] * (len(tokens) - 1), none, none, "plain")
 
     # rows with holes
 
@@ -212,25 +231,31 @@ class ExampleSampler:
         texts.append(window[at:])
         return {"kind": "holes", "texts": texts, "masks": [n for _, _, n in holes]}
 
-    def _assemble_holes(self, plan: dict, ids: list[list[int]]) -> tuple[list[int], list[bool], str]:
-        """`[BOS] text MASK*n text MASK*n ... [EOS]`: with one hole, the engine's layout exactly.
+    def _assemble_holes(self, plan: dict, ids: list[list[int]], rng: random.Random | None = None) -> Row:
+        """`[BOS] text MASK*n text MASK*n ... [EOS]`: with one hole, the engine's layout exactly
+        (each hole masked from its start when `rng` is None, else from a random point in it).
         A hole whose middle does not fit its masked length (the server would cut it) becomes text;
         the window is cut to seq_len, never inside a hole."""
         tail = [self.special.eos] if self.family.eos_after_suffix else []
         room = self.seq_len - len(tail)
-        tokens, maskable = [self.special.bos], [False]
+        tokens, holes, unscored = [self.special.bos], [False], [False]
         for i, piece in enumerate(ids):
             n = plan["masks"][i // 2] if i % 2 else 0
             if i % 2 and len(piece) <= n:
                 if len(tokens) + n > room:
                     break
+                decoded = rng.randint(0, min(len(piece), n - 1)) if rng is not None else 0
                 tokens += piece + [self.special.pad] * (n - len(piece))
-                maskable += [True] * n
+                holes += [False] * decoded + [True] * (n - decoded)
+                ends = min(len(piece) + 1, n)  # the middle and the pad that ends it are scored
+                unscored += [False] * ends + [True] * (n - ends)
                 continue
             piece = piece[:room - len(tokens)]
             tokens += piece
-            maskable += [False] * len(piece)
-        return tokens + tail, maskable + [False] * len(tail), "holes"
+            holes += [False] * len(piece)
+            unscored += [False] * len(piece)
+        end = [False] * len(tail)
+        return Row(tokens + tail, [False] * (len(tokens) + len(tail)), holes + end, unscored + end, "holes")
 
 
 def _line_start(text: str, offset: int) -> int:

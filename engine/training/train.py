@@ -65,30 +65,47 @@ HELDOUT_EVERY = 100  # every 100th document stays out of training, for masked_ac
 @torch.no_grad()
 def masked_accuracy(model: Transformer, texts: list[str], tokenizer: Tokenizer, special: SpecialIds, seq_len: int,
                     rates: tuple[float, ...] = (0.15, 0.5), rows: int = 64) -> dict:
-    """Masked-token accuracy and cross-entropy of plain text masked at each rate: the check that a
-    model reads its context (a unigram model stays near 5% whatever the rate)."""
+    """Masked-token accuracy and cross-entropy of plain text masked at each rate (the check that a
+    model reads its context: a unigram model stays near 5% whatever the rate), and in holes as the
+    server asks for them, partly decoded: `next` is the token left-to-right decoding takes next
+    (a hole's first masked one), `holes` every scored token."""
     was_training = model.training
     model.eval()
-    device = model.device
-    sampler = ExampleSampler(texts, tokenizer, special, model.config.family, seq_len, holes_share=0.0,
-                             plain_max_rate=1.0)
-    batches = [sampler.batch(chunk, 8) for chunk in range(0, rows, 8)]  # the same text at every rate
-    report = {}
-    for rate in rates:
+    device, shift = model.device, model.config.family.logit_shift
+
+    def measure(batches, noise) -> dict:
         right, ce_sum, count = 0, 0.0, 0
         for chunk, batch in enumerate(batches):
-            noisy, masked = add_noise(batch, torch.Generator().manual_seed(8 * chunk), special.mask, eps=rate,
-                                      t=torch.zeros(8))
+            noisy, masked = noise(chunk, batch)
             batch = batch.to(device)
             hidden = hidden_states(model, noisy.to(device), batch.attn)
             r, c = masked.to(device).nonzero(as_tuple=True)
-            logits = model.logits(hidden[r, c - model.config.family.logit_shift])
+            logits = model.logits(hidden[r, c - shift])
             target = batch.clean[r, c]
             right += int((logits.argmax(-1) == target).sum())
             ce_sum += float(F.cross_entropy(logits, target, reduction="sum"))
             count += len(target)
-        report[f"{rate:g}"] = {"accuracy": round(right / max(count, 1), 4),
-                               "cross_entropy": round(ce_sum / max(count, 1), 4), "tokens": count}
+        return {"accuracy": round(right / max(count, 1), 4), "cross_entropy": round(ce_sum / max(count, 1), 4),
+                "tokens": count}
+
+    def rows_of(holes_share: float) -> list:
+        sampler = ExampleSampler(texts, tokenizer, special, model.config.family, seq_len, holes_share=holes_share,
+                                 plain_max_rate=1.0)
+        return [sampler.batch(chunk, 8) for chunk in range(0, rows, 8)]
+
+    plain = rows_of(0.0)  # the same text at every rate
+    report = {f"{rate:g}": measure(plain, lambda chunk, batch, rate=rate: add_noise(
+        batch, torch.Generator().manual_seed(8 * chunk), special.mask, eps=rate, t=torch.zeros(8)))
+        for rate in rates}
+    holes = rows_of(1.0)
+    report["holes"] = measure(holes, lambda chunk, batch: add_noise(batch, torch.Generator(), special.mask))
+
+    def next_only(chunk, batch):
+        noisy, _ = add_noise(batch, torch.Generator(), special.mask)
+        first = batch.holes.clone()
+        first[:, 1:] &= ~batch.holes[:, :-1]
+        return noisy, first
+    report["next"] = measure(holes, next_only)
     model.train(was_training)
     return report
 
