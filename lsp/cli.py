@@ -128,7 +128,8 @@ def cmd_train(args) -> int:
     try:
         if args.stage == "corpus":
             result = corpus.build_corpus(args.out, site_packages=args.site_packages,
-                                         packages=[] if args.no_download and not args.site_packages else None)
+                                         packages=[] if args.no_download and not args.site_packages else None,
+                                         debian=[] if args.no_download else corpus.pinned_debian_packages())
         elif args.stage == "pack":
             result = corpus.pack_shards(args.corpus, args.out, int(args.max_mb * 2**20))
         elif args.stage == "gpu-job":
@@ -255,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     corpus = stages.add_parser("corpus", help="permissively licensed Python source, deduplicated, without HumanEval")
     corpus.add_argument("out")
     corpus.add_argument("--site-packages", action="store_true", help="also the installed packages' sources (offline)")
-    corpus.add_argument("--no-download", action="store_true", help="no pinned package downloads")
+    corpus.add_argument("--no-download", action="store_true",
+                        help="no pinned package downloads (PyPI wheels, Debian packages)")
     corpus.set_defaults(func=cmd_train)
     tokenizer = stages.add_parser("tokenizer", help="byte-level BPE on the corpus")
     tokenizer.add_argument("corpus")

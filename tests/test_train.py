@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import sysconfig
 import zipfile
 from pathlib import Path
@@ -30,8 +31,10 @@ from engine.training.corpus import (
     TrainingError,
     build_corpus,
     contains_humaneval,
+    debian_license,
     detect_license,
     load_humaneval,
+    pinned_debian_packages,
     pinned_packages,
     read_corpus,
 )
@@ -210,6 +213,85 @@ def test_corpus_from_installed_packages_offline(tmp_path):
     assert sources["pluggy"]["license"] == "MIT" and sources["pluggy"]["kind"] == "site-packages"
     assert sources["pluggy"]["files_kept"] > 0 and stats["files_kept"] == sources["pluggy"]["files_kept"]
     assert {r["source"] for r in read_shards(tmp_path)} == {"pluggy"}
+
+
+DEP5 = """Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: demo
+
+Files: *
+Copyright: 2020 Someone
+License: {license}
+
+Files: debian/*
+Copyright: 2021 A Debian maintainer
+License: GPL-2+
+
+License: GPL-2+
+ This package is free software; you can redistribute it under the GNU GPL.
+"""
+
+
+def write_deb(directory: Path, name: str, version: str, copyright_text: str, modules: dict[str, str]) -> Path:
+    """A real .deb, built by dpkg-deb, laid out as Debian's python3-* packages are."""
+    root = directory / f"{name}-root"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(f"Package: {name}\nVersion: {version}\nArchitecture: all\n"
+                                             "Maintainer: Test <test@example.org>\nDescription: test\n")
+    doc = root / "usr" / "share" / "doc" / name
+    doc.mkdir(parents=True)
+    (doc / "copyright").write_text(copyright_text)
+    for rel, text in modules.items():
+        path = root / "usr/lib/python3/dist-packages" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    deb = directory / f"{name}_{version.replace(':', '%3a')}_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zxz", "--build", str(root), str(deb)], check=True,
+                   capture_output=True)
+    shutil.rmtree(root)
+    return deb
+
+
+@pytest.mark.parametrize("license, permissive", [
+    ("Expat", True), ("BSD-3-clause", True), ("Apache-2", True), ("PSF-2", True),
+    ("BSD-3-clause or GPL-2+", True), ("GPL-2+", False), ("Expat and LGPL-2.1+", False), ("custom", False),
+])
+def test_debian_licence_from_its_copyright_file(license, permissive):
+    """The packaging's own files (debian/*) do not count; every other Files paragraph does."""
+    info = debian_license(DEP5.format(license=license))
+    assert info.permissive is permissive and info.license == license and info.how == "debian/copyright"
+    free_form = debian_license("This is the Debian package of demo.\n\n" + MIT)
+    assert free_form.permissive and free_form.license == "MIT"
+    assert not debian_license("Licensed under the GNU General Public License.").permissive
+
+
+def test_corpus_from_pinned_debian_packages(tmp_path):
+    """python3-* .debs already fetched (no apt-get needed): modules from dist-packages, the licence
+    from debian/copyright; a copyleft package is excluded and a truncated .deb reported and skipped."""
+    debs = tmp_path / "debs"
+    debs.mkdir()
+    write_deb(debs, "python3-demo", "1:2.0-1", DEP5.format(license="Expat"),
+              {"demo/__init__.py": stdlib_text("reprlib"), "demo/colors.py": stdlib_text("colorsys")})
+    write_deb(debs, "python3-gpldemo", "1.0-1", DEP5.format(license="GPL-2+"), {"gpldemo.py": stdlib_text("sched")})
+    truncated = write_deb(debs, "python3-broken", "1.0-1", DEP5.format(license="Expat"),
+                          {"broken.py": stdlib_text("queue")})
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    stats = build_corpus(tmp_path / "out", packages=[], include_stdlib=False, debian_dir=debs,
+                         debian=["python3-demo=1:2.0-1", "python3-gpldemo=1.0-1", "python3-broken=1.0-1"],
+                         humaneval=write_humaneval(tmp_path / "he.jsonl.gz"))
+    sources = {s["name"]: s for s in json.loads((tmp_path / "out" / "sources.json").read_text())}
+    assert sources["python3-demo"]["version"] == "1:2.0-1" and sources["python3-demo"]["kind"] == "debian"
+    assert sources["python3-demo"]["license"] == "Expat" and sources["python3-demo"]["files_kept"] == 2
+    assert sources["python3-gpldemo"]["status"].startswith("excluded: licence")
+    broken = sources["python3-broken"]["status"]
+    assert broken.startswith("failed:") and "python3-broken" in broken and "not a readable .deb" in broken
+    assert sorted(r["path"] for r in read_shards(tmp_path / "out")) == ["demo/__init__.py", "demo/colors.py"]
+    assert stats["files_kept"] == 2
+
+
+def test_the_pinned_debian_list_names_exact_versions():
+    specs = pinned_debian_packages()
+    assert len(specs) >= 100 and len({s.partition("=")[0] for s in specs}) == len(specs)
+    assert all(re.fullmatch(r"python3-[a-z0-9.+-]+=[A-Za-z0-9.+:~-]+", spec) for spec in specs)
 
 
 def test_humaneval_match_is_on_signature_and_docstring(tmp_path):

@@ -1,7 +1,8 @@
 """The bundled model's data (`lacuna train corpus`; its tokenizer is in tokenizer.py, the
 training in train.py): permissively licensed Python source (the local standard library, pinned
-wheels fetched with pip, or the installed site-packages when there is no network), filtered,
-exact- and near-deduplicated, cleaned of HumanEval prompts, written as JSON-lines shards.
+wheels fetched with pip, or the installed site-packages when there is no network, and pinned
+Debian python3-* packages fetched with apt), filtered, exact- and near-deduplicated, cleaned of
+HumanEval prompts, written as JSON-lines shards.
 """
 
 from __future__ import annotations
@@ -54,9 +55,21 @@ class CorpusError(TrainingError):
 PINNED_LIST = Path(__file__).with_name("pinned_packages.txt")
 
 
+# Debian's python3-* packages, one `name=version` a line, the same way; each .deb's
+# debian/copyright is checked again.
+DEBIAN_LIST = Path(__file__).with_name("debian_packages.txt")
+
+
+def _pinned(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
 def pinned_packages() -> list[str]:
-    return [line.strip() for line in PINNED_LIST.read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
+    return _pinned(PINNED_LIST)
+
+
+def pinned_debian_packages() -> list[str]:
+    return _pinned(DEBIAN_LIST)
 
 
 # Never training data: evaluation sets, and this project itself.
@@ -154,6 +167,35 @@ def detect_license(metadata, license_files: dict[str, str] | None = None) -> Lic
         if name is not None:
             return LicenseInfo(name, not name.startswith("copyleft"), file)
     return LicenseInfo(None, False, "none")
+
+
+# debian/copyright's short names (DEP-5) that are not SPDX ids.
+_DEBIAN_LICENSE_NAMES = {"expat": "mit", "psf": "psf-2.0", "psf-2": "psf-2.0", "python": "psf-2.0",
+                         "apache-2": "apache-2.0", "cc0": "cc0-1.0", "bsd-3-clause~kitware": "bsd-3-clause"}
+
+
+def debian_license(copyright_text: str) -> LicenseInfo:
+    """A Debian package's licence from its debian/copyright. In the machine-readable format every
+    Files paragraph but the packaging's (debian/*) must name a permissive licence; a free-form
+    file is read as a licence file (any copyleft licence named anywhere excludes it)."""
+    from debian.copyright import Copyright, Error  # python-debian: DEP-5 paragraphs and .deb files
+
+    try:
+        paragraphs = Copyright(copyright_text.splitlines(), strict=False).all_files_paragraphs()
+    except (Error, ValueError):
+        name = _license_from_text(copyright_text)
+        return LicenseInfo(name, name is not None and not name.startswith("copyleft"), "debian/copyright text")
+    names = sorted({p.license.synopsis.strip() for p in paragraphs
+                    if p.license is not None and not all(f.startswith("debian/") for f in p.files)})
+    if not names:
+        return LicenseInfo(None, False, "none")
+
+    def spdx(name: str) -> str:
+        words = re.split(r"(\s+(?:or|and)\s+)", name, flags=re.IGNORECASE)
+        return "".join(w if w.strip().lower() in ("or", "and") else _DEBIAN_LICENSE_NAMES.get(w.lower(), w.lower())
+                       for w in words)
+
+    return LicenseInfo(", ".join(names), all(_expression_permissive(spdx(n)) for n in names), "debian/copyright")
 
 
 def _is_license_file(path: str) -> bool:
@@ -329,7 +371,7 @@ class NearDuplicates:
 class _Source:
     name: str
     version: str
-    kind: str  # "stdlib", "wheel", "site-packages", "directory"
+    kind: str  # "stdlib", "wheel", "site-packages", "debian", "directory"
     license: LicenseInfo
     files: Iterable[tuple[str, Callable[[], bytes]]] = ()
     origin: str = ""
@@ -428,6 +470,54 @@ def _download(spec: str, directory: Path) -> Path:
     return wheel
 
 
+DEBIAN_MODULES = "usr/lib/python3/dist-packages/"
+
+
+def _deb_files(path: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """The modules of a .deb in archive order, read in one pass over its compressed data."""
+    from debian.debfile import DebFile
+
+    with DebFile(str(path)) as deb:
+        tar = deb.data.tgz()
+        for member in tar:
+            name = member.name.removeprefix("./")
+            if member.isfile() and name.startswith(DEBIAN_MODULES) and name.endswith(".py"):
+                yield name[len(DEBIAN_MODULES):], partial(bytes, tar.extractfile(member).read())
+
+
+def _deb_source(path: Path) -> _Source:
+    from debian.debfile import DebError, DebFile
+
+    try:
+        with DebFile(str(path)) as deb:
+            control = deb.debcontrol()
+            name, version = control["Package"], control["Version"]
+            text = deb.data.get_content(f"usr/share/doc/{name}/copyright", encoding="utf-8")
+    except (OSError, DebError, KeyError, EOFError, ValueError) as err:
+        raise TrainingError(f"{path} is not a readable .deb: {err}") from None
+    license_ = debian_license(text) if text is not None else LicenseInfo(None, False, "none")
+    return _Source(name, version, "debian", license_, _deb_files(path), origin=path.name)
+
+
+def _fetch_deb(spec: str, directory: Path) -> Path:
+    """The .deb of `name=version`, from `directory` or fetched there by apt-get (Debian's own
+    archive as this machine's apt sources name it)."""
+    name, _, version = spec.partition("=")
+    pattern = f"{name}_{version.replace(':', '%3a')}_*.deb"
+    found = sorted(directory.glob(pattern))
+    if not found:
+        try:
+            done = subprocess.run(["apt-get", "download", "-q", spec], cwd=directory, capture_output=True,
+                                  text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise TrainingError(f"apt-get download {spec} failed: {err}") from None
+        found = sorted(directory.glob(pattern))
+        if done.returncode != 0 or not found:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no .deb"]
+            raise TrainingError(f"apt-get download {spec} failed: {tail[0]}")
+    return found[0]
+
+
 def _installed_sources(names: Sequence[str] | None) -> list[_Source]:
     """Installed distributions (site-packages), each with its licence from its metadata."""
     wanted = {_canonical(n.partition("==")[0]) for n in names} if names is not None else None
@@ -480,6 +570,7 @@ class _ShardWriter:
 
 def build_corpus(out_dir: str | Path, *, packages: Sequence[str] | None = None, include_stdlib: bool = True,
                  download_dir: str | Path | None = None, site_packages: bool = False,
+                 debian: Sequence[str] = (), debian_dir: str | Path | None = None,
                  directories: Sequence[str | Path] = (), humaneval: str | Path | None = None,
                  check_syntax: bool = True) -> dict:
     """Write permissively licensed Python source as `corpus-NNNNN.jsonl` shards ({path, source,
@@ -490,7 +581,9 @@ def build_corpus(out_dir: str | Path, *, packages: Sequence[str] | None = None, 
     (`include_stdlib`); then either wheels of `packages` ("name==version"; None: pinned_packages())
     taken from `download_dir` or fetched there with pip, or with `site_packages=True` the
     installed distributions (`packages` None: all of them, else those names), offline; then
-    local `directories` (licence from a LICENSE/COPYING file in each). A source whose licence is
+    Debian packages `debian` ("name=version", e.g. pinned_debian_packages()) taken from
+    `debian_dir` or fetched there with apt-get, licence from their debian/copyright; then local
+    `directories` (licence from a LICENSE/COPYING file in each). A source whose licence is
     not known to be permissive is skipped. Files are dropped, counted by reason, when unreadable,
     binary, not UTF-8, too large or short, minified or with very long lines, generated, mostly
     non-alphanumeric, containing the model's special token strings, not parseable Python,
@@ -520,6 +613,17 @@ def build_corpus(out_dir: str | Path, *, packages: Sequence[str] | None = None, 
             except TrainingError as err:
                 log.warning("%s", err)
                 sources.append(_Source(name, version, "wheel", LicenseInfo(None, False, "none"),
+                                       status=f"failed: {err}"))
+    if debian:
+        debs = Path(debian_dir) if debian_dir is not None else out_dir / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        for spec in debian:
+            try:
+                sources.append(_deb_source(_fetch_deb(spec, debs)))
+            except TrainingError as err:
+                log.warning("%s", err)
+                name, _, version = spec.partition("=")
+                sources.append(_Source(name, version, "debian", LicenseInfo(None, False, "none"),
                                        status=f"failed: {err}"))
     sources += [_directory_source(Path(d)) for d in directories]
 
