@@ -37,6 +37,8 @@ import numpy as np
 from ..loader import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN
 
 log = logging.getLogger(__name__)
+# python-debian logs every old-style copyright header it reads past; a corpus build reads hundreds.
+logging.getLogger("debian").setLevel(logging.ERROR)
 
 
 class TrainingError(RuntimeError):
