@@ -145,7 +145,7 @@ def cmd_train(args) -> int:
             result = train.train_model(args.corpus, args.tokenizer, args.out, config=PRESETS[args.config],
                                        steps=args.steps, minutes=args.minutes,
                                        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                                       device=args.device, compile_model=args.compile)
+                                       device=args.device, compile_model=args.compile, init_from=args.init)
     except corpus.TrainingError as err:
         print(f"lacuna train {args.stage}: {err}", file=sys.stderr)
         return 2
@@ -277,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--lr", type=float, default=1e-3)
     model.add_argument("--device", choices=["cpu", "cuda", "mps"])
     model.add_argument("--compile", action="store_true", help="torch.compile the model")
+    model.add_argument("--init", metavar="DIR", help="start from a release's weights and shape (e.g. engine/bundled)")
     model.set_defaults(func=cmd_train)
     pack = stages.add_parser("pack", help="a gzipped sample of a corpus to carry to the GPU machine")
     pack.add_argument("corpus")

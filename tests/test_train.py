@@ -563,6 +563,20 @@ def test_released_checkpoint_loads_and_serves(trained):
     assert all(len(c.token_ids) <= 8 for c in completions)
 
 
+def test_a_release_continues_on_another_machine(trained, corpus, tmp_path):
+    """The committed fp16 release and the recipe are enough to go on: a run started from it begins
+    at its loss, not at a fresh model's, whatever --config says; another tokenizer is refused."""
+    out, stats = trained
+    again = tiny_run(corpus, tmp_path / "again", 3, batch_size=16, config=PRESETS["cpu"], init_from=out / "model")
+    assert again["config"] == TINY_CONFIG.to_hf() and again["resumed_from"] is None
+    assert again["first_loss"] < stats["first_loss"] - 0.5
+    other = train_tokenizer(corpus[0], tmp_path / "other", vocab_size=300)
+    with pytest.raises(TrainingError, match="another tokenizer"):
+        train_model(corpus[0], other, tmp_path / "x", init_from=out / "model", steps=1, device="cpu")
+    with pytest.raises(TrainingError, match="cannot start from"):
+        train_model(corpus[0], corpus[1], tmp_path / "x", init_from=tmp_path / "missing", steps=1, device="cpu")
+
+
 def test_resume_after_a_crash_equals_an_uninterrupted_run(corpus, tmp_path):
     reference = tmp_path / "reference"
     tiny_run(corpus, reference, 6)

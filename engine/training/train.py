@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from ..config import PRESETS, ModelConfig
-from ..loader import LoadedModel, SpecialIds, save_checkpoint
+from ..loader import CheckpointError, LoadedModel, SpecialIds, load_checkpoint, save_checkpoint
 from ..model import Transformer
 from .corpus import TrainingError, read_corpus
 from .objective import ExampleSampler, add_noise, diffusion_loss, hidden_states
@@ -271,7 +271,7 @@ def train_model(corpus_dir: str | Path | Sequence[str | Path], tokenizer_path: s
                 compile_model: bool = False, prefetch: int | None = None, batch_processes: int | None = None,
                 release_dtype: torch.dtype = torch.float16, log_every: int = 10,
                 on_step: Callable[[dict], None] | None = None, on_release: Callable[[Path], None] | None = None,
-                state_dir: str | Path | None = None) -> dict:
+                state_dir: str | Path | None = None, init_from: str | Path | None = None) -> dict:
     """Train a masked-diffusion infill model on one or more corpus directories; write
     `out_dir/model/` (the release checkpoint with the tokenizer, rewritten at every save, so a run
     cut short still has one), `out_dir/loss.csv`, `out_dir/stats.json`, and `out_dir/train-state/`.
@@ -287,12 +287,13 @@ def train_model(corpus_dir: str | Path | Sequence[str | Path], tokenizer_path: s
     `batch_processes` forked processes (default on CUDA: enough to keep a GPU fed). `on_step`
     gets each row of loss.csv as it is written (it may raise to stop the run); `on_release` gets
     the release directory each time it is written. `state_dir` (default `out_dir/train-state`)
-    can live elsewhere, away from an output folder that must stay small.
+    can live elsewhere, away from an output folder that must stay small. `init_from` (a release
+    directory, such as engine/bundled) continues a model on another machine: its weights and
+    shape replace `config`'s fresh ones, with a new optimizer and schedule; its tokenizer must be
+    this run's.
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes")
-    if seq_len > config.max_position_embeddings:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's {config.max_position_embeddings} positions")
     tokenizer_path, out_dir = Path(tokenizer_path), Path(out_dir)
     if tokenizer_path.is_dir():
         tokenizer_path = tokenizer_path / "tokenizer.json"
@@ -300,6 +301,17 @@ def train_model(corpus_dir: str | Path | Sequence[str | Path], tokenizer_path: s
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     except Exception as err:  # tokenizers raises plain Exception
         raise TrainingError(f"cannot read the tokenizer {tokenizer_path}: {err}") from None
+    start = None
+    if init_from is not None:
+        try:
+            start = load_checkpoint(init_from)
+        except CheckpointError as err:
+            raise TrainingError(f"cannot start from {init_from}: {err}") from None
+        if start.tokenizer.to_str() != tokenizer.to_str():
+            raise TrainingError(f"{init_from} was trained with another tokenizer than {tokenizer_path}")
+        config = start.model.config
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's {config.max_position_embeddings} positions")
     special = special_ids(tokenizer, str(tokenizer_path))
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if vocab > config.vocab_size:
@@ -320,6 +332,8 @@ def train_model(corpus_dir: str | Path | Sequence[str | Path], tokenizer_path: s
 
     model = Transformer(config)
     init_weights(model, seed)
+    if start is not None:
+        model.load_state_dict(start.model.state_dict())
     model.to(device_).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
