@@ -452,31 +452,39 @@ def _find_wheel(directory: Path, name: str, version: str) -> Path | None:
     return None
 
 
+def _fetched(tool: str, spec: str, find: Callable[[], Path | None], command: list[str],
+             cwd: Path | None = None) -> Path:
+    """What `find` finds in the cache, else what it finds after `command` (`tool`) ran in `cwd`."""
+    found = find()
+    if found is not None:
+        return found
+    try:
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise TrainingError(f"{tool} {spec} failed: {err}") from None
+    found = find()
+    if done.returncode != 0 or found is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["nothing was downloaded"]
+        raise TrainingError(f"{tool} {spec} failed: {tail[0]}")
+    return found
+
+
 def _download(spec: str, directory: Path) -> Path:
     """The wheel of `name==version`, from `directory` or fetched there by pip (wheels only: an
     sdist would run its build backend just to read its metadata)."""
     name, _, version = spec.partition("==")
-    wheel = _find_wheel(directory, name, version)
-    if wheel is not None:
-        return wheel
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "--quiet", "--dest", str(directory), spec]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise TrainingError(f"pip download {spec} failed: {err}") from None
-    wheel = _find_wheel(directory, name, version)
-    if done.returncode != 0 or wheel is None:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no wheel"]
-        raise TrainingError(f"pip download {spec} failed: {tail[0]}")
-    return wheel
+    return _fetched("pip download", spec, partial(_find_wheel, directory, name, version),
+                    [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                     "--disable-pip-version-check", "--quiet", "--dest", str(directory), spec])
 
 
 DEBIAN_MODULES = "usr/lib/python3/dist-packages/"
 
 
 def _deb_files(path: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    """The modules of a .deb in archive order, read in one pass over its compressed data."""
+    """The modules of a .deb in archive order, in one pass over its compressed data (a second one:
+    _deb_source read the copyright; holding every package's modules until the build reads them
+    would cost hundreds of MB)."""
     from debian.debfile import DebFile
 
     with DebFile(str(path)) as deb:
@@ -506,18 +514,18 @@ def _fetch_deb(spec: str, directory: Path) -> Path:
     archive as this machine's apt sources name it)."""
     name, _, version = spec.partition("=")
     pattern = f"{name}_{version.replace(':', '%3a')}_*.deb"
-    found = sorted(directory.glob(pattern))
-    if not found:
-        try:
-            done = subprocess.run(["apt-get", "download", "-q", spec], cwd=directory, capture_output=True,
-                                  text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise TrainingError(f"apt-get download {spec} failed: {err}") from None
-        found = sorted(directory.glob(pattern))
-        if done.returncode != 0 or not found:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no .deb"]
-            raise TrainingError(f"apt-get download {spec} failed: {tail[0]}")
-    return found[0]
+    return _fetched("apt-get download", spec, lambda: next(iter(sorted(directory.glob(pattern))), None),
+                    ["apt-get", "download", "-q", spec], directory)
+
+
+def _source_or_failure(spec: str, separator: str, kind: str, source: Callable[[str], _Source]) -> _Source:
+    """The source of a pinned `spec`, or, if it cannot be fetched or read, a record saying why."""
+    try:
+        return source(spec)
+    except TrainingError as err:
+        log.warning("%s", err)
+        name, _, version = spec.partition(separator)
+        return _Source(name, version, kind, LicenseInfo(None, False, "none"), status=f"failed: {err}")
 
 
 def _installed_sources(names: Sequence[str] | None) -> list[_Source]:
@@ -608,25 +616,13 @@ def build_corpus(out_dir: str | Path, *, packages: Sequence[str] | None = None, 
             raise ValueError(f"packages must be pinned as name==version: {', '.join(bad)}")
         download = Path(download_dir) if download_dir is not None else out_dir / "wheels"
         download.mkdir(parents=True, exist_ok=True)
-        for spec in specs:
-            name, _, version = spec.partition("==")
-            try:
-                sources.append(_wheel_source(_download(spec, download)))
-            except TrainingError as err:
-                log.warning("%s", err)
-                sources.append(_Source(name, version, "wheel", LicenseInfo(None, False, "none"),
-                                       status=f"failed: {err}"))
+        sources += [_source_or_failure(spec, "==", "wheel", lambda spec: _wheel_source(_download(spec, download)))
+                    for spec in specs]
     if debian:
         debs = Path(debian_dir) if debian_dir is not None else out_dir / "debs"
         debs.mkdir(parents=True, exist_ok=True)
-        for spec in debian:
-            try:
-                sources.append(_deb_source(_fetch_deb(spec, debs)))
-            except TrainingError as err:
-                log.warning("%s", err)
-                name, _, version = spec.partition("=")
-                sources.append(_Source(name, version, "debian", LicenseInfo(None, False, "none"),
-                                       status=f"failed: {err}"))
+        sources += [_source_or_failure(spec, "=", "debian", lambda spec: _deb_source(_fetch_deb(spec, debs)))
+                    for spec in debian]
     sources += [_directory_source(Path(d)) for d in directories]
 
     dropped: Counter = Counter()

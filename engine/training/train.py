@@ -331,10 +331,11 @@ def train_model(corpus_dir: str | Path | Sequence[str | Path], tokenizer_path: s
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dir, loss_path = Path(state_dir) if state_dir else out_dir / STATE_DIR, out_dir / "loss.csv"
 
-    model = Transformer(config)
-    init_weights(model, seed)
     if start is not None:
-        model.load_state_dict(start.model.state_dict())
+        model = start.model
+    else:
+        model = Transformer(config)
+        init_weights(model, seed)
     model.to(device_).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
