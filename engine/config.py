@@ -31,6 +31,10 @@ class Family:
     token_healing: bool = True
     # The unmasking order the family's authors decode with, used when a request names none.
     ordering: str = "confidence"
+    # An autoregressive network run causally: each position sees only those before it, so only
+    # the leftmost masked token can be predicted, one a step, from the prefix alone (the suffix
+    # shapes the answer through the language server's post-processing only).
+    causal: bool = False
 
 
 # model_type in config.json -> family. Where each fact was read: tests/published.py.
@@ -56,6 +60,10 @@ FAMILIES = {
     "coda": Family("qwen3", 1, bos=False, eos_after_suffix=False, mask_tokens=("<|mask|>",),
                    mask_hint="CoDA gives mask_token_id in config.json (<|mask|>, 151669)", ordering="entropy"),
     "llama": Family("llama", 0, bos=True, eos_after_suffix=False),
+    # The bundled model (engine/bundled): SmolLM2-135M-Instruct, an autoregressive Llama trained on
+    # whole documents, whose chat turns end with <|im_end|>.
+    "llama_causal": Family("llama", 1, bos=False, eos_after_suffix=False, stop_tokens=("<|im_end|>",),
+                           ordering="left_to_right", causal=True),
     # Lacuna's own models (engine/bundled): Qwen2 blocks, shifted, [BOS] prefix masks suffix [EOS].
     "lacuna": Family("qwen2", 1, bos=True, eos_after_suffix=True, token_healing=False, ordering="left_to_right"),
 }

@@ -64,7 +64,8 @@ class Engine:
         # A greedy request stepping alone replays its steps as CUDA graphs (see graphs.py);
         # graphs need static shapes, so each step then feeds the whole middle (full windows)
         # rather than only the masked positions.
-        cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if cuda_graphs is None:  # a causal model's steps of one token gain little from graphs
+            cuda_graphs = self.device.type == "cuda" and not self.config.family.causal
         self.runner = StepRunner(loaded, cuda_graphs=cuda_graphs,
                                  full_windows=cuda_graphs if full_windows is None else full_windows)
         self.scheduler = Scheduler(max_batch_rows)
@@ -141,26 +142,30 @@ class Engine:
             raise ValueError(f"n must be between 1 and {self.max_batch_rows}, not {n}")
         if not self._worker.is_alive():
             raise EngineError("the engine is closed")
+        family = self.config.family
         layout = self.layout(prefix, suffix, n_tokens)
-        if options.ordering is None:
-            options = dataclasses.replace(options, ordering=self.config.family.ordering)
+        if family.causal:  # one token a step, the leftmost: the only one a causal model can predict
+            options = dataclasses.replace(options, policy="fixed", tokens_per_step=1, ordering="left_to_right")
+        elif options.ordering is None:
+            options = dataclasses.replace(options, ordering=family.ordering)
         generator = None
         if options.temperature > 0:
             generator = torch.Generator(self.device)
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
         first = self._tokens_starting_with(healed) if healed else None
         denoiser = Denoiser(layout, n, options, self.special, device=self.device, generator=generator,
-                            first_tokens=first)
+                            first_tokens=first, causal=family.causal)
         deadline = time.monotonic() + time_budget if time_budget is not None else None
         request = Request(next(self._ids), denoiser, n, deadline, healed)
         self.scheduler.add(request)
         return request
 
     def layout(self, prefix: list[int], suffix: list[int], n_tokens: int) -> Layout:
-        """The model's input for an infill, as its family was trained: `[BOS] prefix MASK*N suffix [EOS]`."""
+        """The model's input for an infill, as its family was trained: `[BOS] prefix MASK*N suffix [EOS]`
+        (a causal model never reads the suffix: it is left out)."""
         family = self.config.family
-        return build_layout(prefix, suffix, n_tokens, mask=self.special.mask, bos=self.special.bos,
-                            eos=self.special.eos, eos_after_suffix=family.eos_after_suffix,
+        return build_layout(prefix, [] if family.causal else suffix, n_tokens, mask=self.special.mask,
+                            bos=self.special.bos, eos=self.special.eos, eos_after_suffix=family.eos_after_suffix,
                             shifted=family.logit_shift == 1, max_len=self.config.max_position_embeddings)
 
     def complete(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> list[Completion]:

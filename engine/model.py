@@ -183,9 +183,13 @@ class Transformer(nn.Module):
         layer_caches = zip(cache.k, cache.v) if cache is not None else [(None, None)] * len(self.model.layers)
         last = len(self.model.layers) - 1
         last_mask, last_causal = attn_mask, causal
-        if causal and rows is not None:  # is_causal assumes square attention: spell the mask out
+        if causal and (cache is not None or rows is not None):
+            # is_causal assumes square attention from position 0: against a cache, or for some
+            # rows only, each query sees the keys at its position and before, spelled out.
             keys = torch.arange(kv_len, device=positions.device)
-            last_mask, last_causal = (keys <= positions[:, rows, None])[:, None], False
+            seen = keys <= positions[:, None, :, None]
+            attn_mask, causal = seen if attn_mask is None else seen & attn_mask, False
+            last_mask, last_causal = attn_mask if rows is None else attn_mask[:, :, rows], False
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.model.layers, layer_caches)):
             if i == last:
                 attn_mask, causal = last_mask, last_causal

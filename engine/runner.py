@@ -39,6 +39,7 @@ class StepRunner:
         self.model = loaded.model
         self.special = loaded.special
         self.shift = self.model.config.family.logit_shift
+        self.causal = self.model.config.family.causal
         self.device = self.model.device
         self.cuda_graphs = cuda_graphs
         self.full_windows = full_windows
@@ -99,7 +100,7 @@ class StepRunner:
         columns = [r.denoiser.columns_to_predict() for r in batch]
         wanted, picks = _union([r.denoiser.start - self.shift + c for r, c in zip(batch, columns)])
         hidden = self.model(tokens, positions, cache, rows=wanted,
-                            attn_mask=key_mask[:, None, None] if padded else None)
+                            attn_mask=key_mask[:, None, None] if padded else None, causal=self.causal)
         results, offset = [], 0
         for request, x, own_columns, pick in zip(batch, rows, columns, picks):
             count = len(x)
@@ -129,7 +130,7 @@ class StepRunner:
                             zip(batch, positions.split([r.n for r in batch]))])
         mask = key_mask[:, None, None] if key_mask is not None else None
         wanted, picks = _union([rows for _, rows, _ in windows])
-        hidden = self.model(tokens, positions, cache, rows=wanted, attn_mask=mask)
+        hidden = self.model(tokens, positions, cache, rows=wanted, attn_mask=mask, causal=self.causal)
         results, offset = [], 0
         for request, (_, _, columns), pick in zip(batch, windows, picks):
             logits = self.model.logits(hidden[offset:offset + request.n, pick])

@@ -10,7 +10,9 @@ masked position; a policy picks which predictions to keep:
 The ordering ("confidence", "margin", "entropy") ranks positions; "left_to_right" keeps the
 leftmost masked position and the confident run right after it (a small model reads best when the
 middle grows from the prefix, as it was trained). Temperature and top-p shape the token draw.
-Once a position decodes to EOS or pad, the infill ends there.
+Once a position decodes to EOS or pad, the infill ends there. A causal model (Family.causal)
+predicts only the leftmost masked position, from the one before it: it decodes left to right,
+one token a step.
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ class Denoiser:
     """The state of one request's `rows` candidates while their middles are unmasked."""
 
     def __init__(self, layout: Layout, rows: int, options: DecodeOptions, special: SpecialIds, *, device,
-                 generator: torch.Generator | None = None, first_tokens: Tensor | None = None):
+                 generator: torch.Generator | None = None, first_tokens: Tensor | None = None,
+                 causal: bool = False):
         self.options, self.stop_ids, self.pad = options, special.stop_ids, special.pad
+        self.causal = causal
         # Made here: a CUDA graph cannot copy them in.
         self.stop = torch.tensor(self.stop_ids, device=device)
         self.banned = torch.tensor((special.mask, *special.banned), device=device)
@@ -84,18 +88,24 @@ class Denoiser:
         return not bool(self.masked.any())
 
     def columns_to_predict(self) -> Tensor:
-        """Middle columns still masked in some row: the only ones whose logits are needed."""
-        return self.masked.any(dim=0).nonzero()[:, 0]
+        """Middle columns still masked in some row: the only ones whose logits are needed (for a
+        causal model the leftmost alone)."""
+        columns = self.masked.any(dim=0).nonzero()[:, 0]
+        return columns[:1] if self.causal else columns
 
     def window(self, shift: int, full: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """What a cached step must feed: (positions, rows of them to predict from, columns).
 
         Masked positions and those decoded last step are fed, so their keys in the cache are
         refreshed (decoded tokens are then frozen, as in dKV-Cache); a shifted model also needs
-        the position before each masked one. `full` feeds the whole middle, as Fast-dLLM does.
+        the position before each masked one. `full` feeds the whole middle, as Fast-dLLM does. A
+        causal model feeds only the position its next token is predicted from, which holds the
+        token decoded last (keys to its right are never read).
         """
         columns = self.columns_to_predict()
-        if full:
+        if self.causal:
+            fed = columns - shift
+        elif full:
             fed = torch.arange(-shift, self.end - self.start, device=self.x.device)
         else:
             fed = torch.cat(((self.masked | self.fresh).any(dim=0).nonzero()[:, 0], columns - shift)).unique()

@@ -68,6 +68,29 @@ def test_logit_shift_per_family_against_transformers(checkpoints, family):
         assert completion.token_ids == [expected]
 
 
+def test_a_causal_model_decodes_as_transformers_generates_whatever_the_suffix():
+    """An autoregressive Llama run causally (the bundled model's family): every candidate's infill
+    is transformers' greedy continuation of the prefix, with or without a suffix."""
+    config = dataclasses.replace(LLAMA, model_type="llama_causal")
+    loaded = random_model(config, dtype=torch.float64, seed=5)
+    hf_config = LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "model_type"})
+    hf = LlamaForCausalLM._from_config(hf_config, dtype=torch.float64).eval()
+    hf.load_state_dict(loaded.model.state_dict(), strict=False)
+    engine = Engine(loaded, warmup=False)
+    try:
+        ids = engine.encode(PREFIX)
+        answers = [engine.submit_ids(ids, engine.encode(suffix), 12, n=2, options=DecodeOptions(min_tokens=12)).result()
+                   for suffix in (SUFFIX, "")]
+    finally:
+        engine.close()
+    special = loaded.special
+    generated = hf.generate(torch.tensor([[special.bos] + ids]), max_new_tokens=12, min_new_tokens=12,
+                            do_sample=False, suppress_tokens=[special.mask], eos_token_id=special.eos,
+                            pad_token_id=special.eos)
+    assert [c.token_ids for answer in answers for c in answer] == [generated[0, len(ids) + 1:].tolist()] * 4
+    assert all(c.steps == 12 for answer in answers for c in answer)  # one token a step
+
+
 def test_concurrent_callers_share_denoising_steps(engine):
     prompts = [("x" * i + PREFIX, SUFFIX[: 20 - i], 8 + 2 * i) for i in range(6)]
     options = DecodeOptions(policy="steps")
