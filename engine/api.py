@@ -37,6 +37,9 @@ class DecodeOptions:
     use_cache: bool = True  # dual context cache; False runs a full forward every step
     refresh_every: int = 0  # re-encode the context every k steps (0: never)
     min_tokens: int = 0  # the infill's first k tokens are never EOS or pad (an editor wants something)
+    # The infill ends after its first line break, and none of its first `min_tokens` is one: no
+    # steps are spent past a line the editor shows alone.
+    single_line: bool = False
 
     def __post_init__(self):
         if self.policy not in POLICIES:

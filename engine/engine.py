@@ -125,6 +125,13 @@ class Engine:
         allowed = [token.startswith(text) for token in self._token_texts]
         return torch.tensor(allowed, device=self.device) if any(allowed) else None
 
+    @functools.lru_cache(maxsize=512)  # noqa: B019 (as above)
+    def _line_breaks_after(self, healed: str) -> torch.Tensor:
+        """The ids whose text holds a line break past its first len(healed) characters (the
+        text a healed first token gives back, which is not part of the answer), on the device."""
+        return torch.tensor([i for i, text in enumerate(self._token_texts) if "\n" in text[len(healed):]],
+                            device=self.device)
+
     @functools.cached_property
     def _token_texts(self) -> list[str]:
         rows = self.config.vocab_size
@@ -154,7 +161,8 @@ class Engine:
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
         first = self._tokens_starting_with(healed) if healed else None
         denoiser = Denoiser(layout, n, options, self.special, device=self.device, generator=generator,
-                            first_tokens=first, causal=family.causal)
+                            first_tokens=first, causal=family.causal,
+                            line_breaks=(self._line_breaks_after(healed), self._line_breaks_after("")))
         deadline = time.monotonic() + time_budget if time_budget is not None else None
         request = Request(next(self._ids), denoiser, n, deadline, healed)
         self.scheduler.add(request)

@@ -1,8 +1,9 @@
 """Load and write checkpoints in the Hugging Face layout, safetensors only, never the network.
 
 A directory holds `config.json`, `model.safetensors` (or shards listed in
-`model.safetensors.index.json`), `tokenizer.json`, and optionally `tokenizer_config.json`
-and `generation_config.json`, from which the mask, pad, EOS and BOS ids are read.
+`model.safetensors.index.json`; matrices may be stored 4-bit, see packed.py), `tokenizer.json`,
+and optionally `tokenizer_config.json` and `generation_config.json`, from which the mask, pad,
+EOS and BOS ids are read.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from .config import PRESETS, CheckpointError, Family, ModelConfig
 from .model import Transformer, rope_inv_freq
+from .packed import unpack_all
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
             weights.update(load_file(path))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path.name} is corrupt: {err}") from None
-    return weights
+    return unpack_all(weights)
 
 
 def _rename_llada(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -260,6 +262,21 @@ def save_checkpoint(loaded: LoadedModel, directory: str | Path, max_shard_bytes:
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
     if config.tie_embeddings:
         state.pop("lm_head.weight")
+    save_weights(state, directory, max_shard_bytes)
+    special = loaded.special
+    ids = {"mask_token_id": special.mask, "eos_token_id": special.eos, "pad_token_id": special.pad,
+           "bos_token_id": special.bos}
+    (directory / "config.json").write_text(json.dumps({**config.to_hf(), **ids}, indent=1))
+    (directory / "generation_config.json").write_text(json.dumps(ids, indent=1))
+    loaded.tokenizer.save(str(directory / "tokenizer.json"))
+    ids_by_name = {"mask": special.mask, "eos": special.eos, "pad": special.pad, "bos": special.bos}
+    names = {f"{k}_token": loaded.tokenizer.id_to_token(v) for k, v in ids_by_name.items() if v is not None}
+    (directory / "tokenizer_config.json").write_text(json.dumps(names, indent=1))
+
+
+def save_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None = None) -> list[str]:
+    """`state` as model.safetensors, or in shards of at most `max_shard_bytes` with their index;
+    the files written."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in state.items():
@@ -271,19 +288,11 @@ def save_checkpoint(loaded: LoadedModel, directory: str | Path, max_shard_bytes:
         size += nbytes
     if len(shards) == 1:
         save_file(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / file, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file))
-        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
-    special = loaded.special
-    ids = {"mask_token_id": special.mask, "eos_token_id": special.eos, "pad_token_id": special.pad,
-           "bos_token_id": special.bos}
-    (directory / "config.json").write_text(json.dumps({**config.to_hf(), **ids}, indent=1))
-    (directory / "generation_config.json").write_text(json.dumps(ids, indent=1))
-    loaded.tokenizer.save(str(directory / "tokenizer.json"))
-    ids_by_name = {"mask": special.mask, "eos": special.eos, "pad": special.pad, "bos": special.bos}
-    names = {f"{k}_token": loaded.tokenizer.id_to_token(v) for k, v in ids_by_name.items() if v is not None}
-    (directory / "tokenizer_config.json").write_text(json.dumps(names, indent=1))
+        return ["model.safetensors"]
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+    return sorted(set(weight_map.values()))

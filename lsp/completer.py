@@ -7,6 +7,7 @@ in a small LRU; a new request for a document cancels the one still in flight for
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from .config import Options
 from .context import Outlines, build_context
 from .document import Document
 from .postprocess import Candidate, postprocess
-from .span import plan_span
+from .span import Span, plan_span
 
 CACHE_SIZE = 64
 ALTERNATIVES_TEMPERATURE = 0.8
@@ -131,7 +132,7 @@ class Completer:
         before, after = doc.text[:offset], doc.text[offset:]
         answers = self.cache.get(key)
         if answers is None:
-            texts = await self._infill(doc.uri, context.prefix, context.suffix, span.tokens, n)
+            texts = await self._infill(doc.uri, context.prefix, context.suffix, span, n)
             if texts is None:
                 return []
             answers = []
@@ -147,7 +148,7 @@ class Completer:
         self.shown[doc.uri] = Shown(before, after, answers)
         return answers
 
-    async def _infill(self, uri: str, prefix: str, suffix: str, tokens: int, n: int) -> list[str] | None:
+    async def _infill(self, uri: str, prefix: str, suffix: str, span: Span, n: int) -> list[str] | None:
         """The engine's texts, or None when a newer request for the document superseded this one."""
         if self.options.debounce_ms:
             self.waiting[uri] = mine = object()
@@ -161,13 +162,14 @@ class Completer:
         start = time.perf_counter()
         # The first candidate is the greedy infill; alternatives to cycle through are sampled (in
         # the same denoising steps: the engine batches both requests).
-        ask = dict(prefix=prefix, suffix=suffix, n_tokens=min(tokens, engine.capacity.max_tokens),
+        ask = dict(prefix=prefix, suffix=suffix, n_tokens=min(span.tokens, engine.capacity.max_tokens),
                    time_budget=self.options.time_budget_ms / 1000)
         # An empty infill is no suggestion: the span rules already decided one is wanted here.
-        parts = [engine.infill(**ask, n=1, options=DecodeOptions(min_tokens=1))]
+        options = DecodeOptions(min_tokens=1, single_line=not span.multiline)
+        parts = [engine.infill(**ask, n=1, options=options)]
         if n > 1:
-            parts.append(engine.infill(**ask, n=n - 1, options=DecodeOptions(
-                min_tokens=1, temperature=ALTERNATIVES_TEMPERATURE)))
+            parts.append(engine.infill(**ask, n=n - 1, options=dataclasses.replace(
+                options, temperature=ALTERNATIVES_TEMPERATURE)))
         work = asyncio.gather(*parts)
         self.in_flight[uri] = work
         try:

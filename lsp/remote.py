@@ -53,6 +53,8 @@ class RemoteEngine:
             await self.describe()
         body = {"prompt": prefix, "suffix": suffix, "max_tokens": n_tokens, "n": n,
                 "temperature": options.temperature, "top_p": options.top_p}
+        if options.single_line:
+            body["stop"] = ["\n"]
         if self.model:
             body["model"] = self.model
         try:

@@ -131,6 +131,28 @@ def test_min_tokens_keeps_the_first_tokens_from_ending_the_infill():
     assert den.result_rows()[0][0] == [first]
 
 
+def test_a_single_line_ends_after_its_line_break_which_never_comes_first():
+    NEWLINE = 4  # a token whose text holds a line break
+    den = Denoiser(layout(n=4), 1, DecodeOptions(policy="threshold", threshold=0.9, min_tokens=1,
+                                                 single_line=True), SPECIAL, device="cpu",
+                   line_breaks=(torch.tensor([NEWLINE]), torch.tensor([NEWLINE])))
+    step(den, [(NEWLINE, 0.99), (NEWLINE, 0.95), (5, 0.1), (6, 0.99)])
+    assert den.middle[0, 0].item() != NEWLINE  # a line break first would be an empty line
+    assert den.middle[0, 1:].tolist() == [NEWLINE, PAD, PAD] and not den.masked[0, 1:].any()
+    # A healed first token gives back "\n    " (the cursor after an indentation): no line break
+    # of the answer's own.
+    HEALED = 3
+    den = Denoiser(layout(n=3), 1, DecodeOptions(policy="threshold", threshold=0.9, min_tokens=1,
+                                                 single_line=True), SPECIAL, device="cpu",
+                   line_breaks=(torch.tensor([NEWLINE]), torch.tensor([NEWLINE, HEALED])))
+    step(den, [(HEALED, 0.99), (5, 0.99), (NEWLINE, 0.99)])
+    assert den.middle[0].tolist() == [HEALED, 5, NEWLINE]
+    # Without single_line the same step keeps decoding past the line break.
+    den = denoiser(n=4, policy="threshold", threshold=0.9, min_tokens=1)
+    step(den, [(NEWLINE, 0.99), (NEWLINE, 0.95), (5, 0.1), (6, 0.99)])
+    assert den.masked[0].tolist() == [False, False, True, False]
+
+
 def test_partial_result_stops_at_the_first_mask():
     den = denoiser(n=4, policy="threshold", threshold=0.9)
     step(den, [(5, 0.95), (6, 0.1), (7, 0.95), (3, 0.1)])

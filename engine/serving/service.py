@@ -166,8 +166,9 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
     async def fim_completions(request: Request):
         check_api_key(request, api_key)
         fim = await read_fim_request(request, limits)
-        options = DecodeOptions(temperature=fim.temperature, top_p=fim.top_p, seed=fim.seed)
         stop = [fim.stop] if isinstance(fim.stop, str) else fim.stop or []
+        # A client that stops at a line break wants one line: no steps are spent past it.
+        options = DecodeOptions(temperature=fim.temperature, top_p=fim.top_p, seed=fim.seed, single_line="\n" in stop)
         start = time.perf_counter()
         work = asyncio.ensure_future(engine.infill(fim.prompt, fim.suffix, fim.max_tokens, n=fim.n, options=options))
         watch = asyncio.ensure_future(until_disconnected(request))
