@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--json", action="store_true")
     models.set_defaults(func=cmd_models)
 
-    train = sub.add_parser("train", help="build the bundled model: corpus, tokenizer, model")
+    train = sub.add_parser("train", help="Lacuna's own models (corpus, tokenizer, model, GPU job) and the bundled one")
     stages = train.add_subparsers(dest="stage", required=True)
     corpus = stages.add_parser("corpus", help="permissively licensed Python source, deduplicated, without HumanEval")
     corpus.add_argument("out")
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     job.add_argument("--corpus", action="append", required=True, help="a corpus directory (repeatable)")
     job.add_argument("--site-packages", action="store_true", help="also installed distributions not in the corpus")
     job.add_argument("--config", choices=list(PRESETS), default="bundled")
-    job.add_argument("--tokenizer", help="tokenizer.json (default: the bundled model's)")
+    job.add_argument("--tokenizer", help="tokenizer.json (default: engine/training/tokenizer.json)")
     job.add_argument("--minutes", type=float, default=6.0, help="training time")
     job.add_argument("--eval-tasks", type=int, default=300, help="HumanEval-Infilling single-line tasks")
     job.add_argument("--batch-size", type=int, default=32)

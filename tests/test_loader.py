@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from engine.config import CheckpointError
 from engine.loader import byte_tokenizer, load_checkpoint, random_model, save_checkpoint
+from engine.packed import GROUP, pack, unpack
 from engine.quantize import quantize_int8
 
 
@@ -172,4 +174,42 @@ def test_a_shard_missing_from_the_index_is_named(tmp_path):
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"missing the shard {shard.name}"):
+        load_checkpoint(tmp_path)
+
+
+def test_4_bit_weights_load_within_half_a_step_of_the_float_ones(tmp_path):
+    original = random_model("tiny", seed=6)
+    save_checkpoint(original, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    stored = {}
+    for name, tensor in weights.items():
+        parts = pack(tensor) if tensor.dim() == 2 else {"": tensor}
+        stored.update({name + suffix: part for suffix, part in parts.items()})
+    save_file(stored, tmp_path / "model.safetensors")
+    restored = load_checkpoint(tmp_path).model.state_dict()
+    for name, tensor in weights.items():
+        if tensor.dim() == 2:
+            groups = tensor.reshape(tensor.shape[0], -1, GROUP)
+            step = (groups.amax(-1) - groups.amin(-1)) / 15
+            error = (restored[name] - tensor).abs().reshape(groups.shape).amax(-1)
+            assert (error <= 0.6 * step + 1e-6).all(), name
+        else:
+            assert torch.equal(restored[name], tensor)
+
+
+def test_a_matrix_on_the_4_bit_grid_is_stored_exactly():
+    codes = torch.randint(0, 16, (8, 64)).float()
+    codes[:, ::GROUP], codes[:, 1::GROUP] = 0, 15  # each group spans its whole range, as Q4_1 codes do
+    step = torch.rand(8, 1) * 0.01 + 0.001
+    weight = (codes - 7) * step  # zero point 7: exactly 119/17
+    assert torch.allclose(unpack(pack(weight)), weight, atol=step.max().item() * 0.01)
+
+
+def test_a_4_bit_weight_missing_a_part_is_named(tmp_path):
+    save_checkpoint(random_model("tiny", seed=6), tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    weights.update({name + suffix: part for suffix, part in pack(weights.pop(name)).items() if suffix != ".zero"})
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=f"{name} lacks {name}.zero"):
         load_checkpoint(tmp_path)

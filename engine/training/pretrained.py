@@ -133,5 +133,7 @@ def build(out_dir: str | Path, corpus_dir: str | Path, *, cache: str | Path, voc
     sources = {**SOURCE, "vocabulary": {"kept": len(old_ids), "of": published_vocab,
                                         "sample_tokens": sum(counts.values()), "sample_share_kept": round(covered, 5)}}
     (out_dir / "sources.json").write_text(json.dumps(sources, indent=1))
+    for path in out_dir.iterdir():
+        path.chmod(0o644)  # safetensors writes its files private; a release is read by any user
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
     return {"out": str(out_dir), "files": files, "vocab": len(old_ids), "bytes": size, **sources["vocabulary"]}

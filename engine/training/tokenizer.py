@@ -1,6 +1,6 @@
-"""The bundled model's tokenizer (`lacuna train tokenizer`): a byte-level BPE trained on the
+"""The tokenizer of Lacuna's own models (`lacuna train tokenizer`): a byte-level BPE trained on the
 corpus, whose pre-tokenizer keeps a newline and the next line's indentation together, so lines
-start on token boundaries.
+start on token boundaries. The one they train with is TOKENIZER (12,288 tokens).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from ..loader import BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, SpecialIds
 from .corpus import TrainingError, read_corpus
+
+TOKENIZER = Path(__file__).parent / "tokenizer.json"
 
 
 def tokenizer_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
