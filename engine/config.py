@@ -64,7 +64,7 @@ FAMILIES = {
     # whole documents, whose chat turns end with <|im_end|>.
     "llama_causal": Family("llama", 1, bos=False, eos_after_suffix=False, stop_tokens=("<|im_end|>",),
                            ordering="left_to_right", causal=True),
-    # Lacuna's own models (engine/bundled): Qwen2 blocks, shifted, [BOS] prefix masks suffix [EOS].
+    # Lacuna's own models (`lacuna train`): Qwen2 blocks, shifted, [BOS] prefix masks suffix [EOS].
     "lacuna": Family("qwen2", 1, bos=True, eos_after_suffix=True, token_healing=False, ordering="left_to_right"),
 }
 

@@ -160,9 +160,9 @@ class Engine:
             generator = torch.Generator(self.device)
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
         first = self._tokens_starting_with(healed) if healed else None
+        breaks = (self._line_breaks_after(healed), self._line_breaks_after("")) if options.single_line else None
         denoiser = Denoiser(layout, n, options, self.special, device=self.device, generator=generator,
-                            first_tokens=first, causal=family.causal,
-                            line_breaks=(self._line_breaks_after(healed), self._line_breaks_after("")))
+                            first_tokens=first, line_breaks=breaks, causal=family.causal)
         deadline = time.monotonic() + time_budget if time_budget is not None else None
         request = Request(next(self._ids), denoiser, n, deadline, healed)
         self.scheduler.add(request)

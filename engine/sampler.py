@@ -11,9 +11,8 @@ The ordering ("confidence", "margin", "entropy") ranks positions; "left_to_right
 leftmost masked position and the confident run right after it (a small model reads best when the
 middle grows from the prefix, as it was trained). Temperature and top-p shape the token draw.
 Once a position decodes to EOS or pad, the infill ends there; a single-line infill ends after
-its first line break. A causal model (Family.causal)
-predicts only the leftmost masked position, from the one before it: it decodes left to right,
-one token a step.
+its first line break. A causal model (Family.causal) predicts only the leftmost masked position,
+from the one before it: it decodes left to right, one token a step.
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ class Denoiser:
         self.first_bias = None if first_tokens is None else torch.where(first_tokens, 0.0, -torch.inf)
         # For a single-line infill, the ids whose answer text holds a line break: in the first
         # column (after text a healed token gives back) and in the others; else None.
-        self.line_breaks = line_breaks if options.single_line else None
+        self.line_breaks = line_breaks
         self.start, self.end = layout.start, layout.end
         self.x = torch.tensor(layout.tokens, device=device).repeat(rows, 1)
         n = self.end - self.start
