@@ -32,6 +32,9 @@ class Context:
     cache: KVCache
     key_mask: Tensor | None  # (rows, slots); None: every slot
     since_encode: int = 0
+    # A causal model's tokens before the middle: their keys depend on nothing after them, so a
+    # later request whose context starts the same (the same file, typed on) reuses them.
+    context: Tensor | None = None
 
 
 class StepRunner:
@@ -44,11 +47,14 @@ class StepRunner:
         self.cuda_graphs = cuda_graphs
         self.full_windows = full_windows
         self.contexts: dict[int, Context] = {}  # by request id
+        self.last_causal: Context | None = None  # a causal model's last finished context
         self.graphs: dict[tuple, StepGraph] = {}
         self._merged = None  # (request ids, merged cache, key mask) of the last window batch
 
     def forget(self, request_id: int) -> None:
-        self.contexts.pop(request_id, None)
+        context = self.contexts.pop(request_id, None)
+        if context is not None and context.context is not None:
+            self.last_causal = context
 
     def reset(self) -> None:
         """After a failed step: no merged cache survives it."""
@@ -65,6 +71,11 @@ class StepRunner:
                 opts.refresh_every and context.since_encode >= opts.refresh_every)
             (encode if stale else window).append(request)
         results, failed = [], []
+        for request in list(encode):
+            reused = self._reused_tokens(request)
+            if reused:
+                results.append(self._encode_after(request, reused))
+                encode.remove(request)
         if encode:
             results += self._encode_step(encode)
             self._merged = None
@@ -111,10 +122,38 @@ class StepRunner:
                 if count < request.n:
                     own_cache = own_cache.expand(request.n)
                     own_mask = own_mask.expand(request.n, -1) if padded else None
-                self.contexts[request.id] = Context(own_cache, own_mask)
+                self.contexts[request.id] = Context(own_cache, own_mask,
+                                                    context=x[0, :request.denoiser.start] if self.causal else None)
             results.append((request, logits.expand(request.n, -1, -1), own_columns))
             offset += count
         return results
+
+    def _reused_tokens(self, request: Request) -> int:
+        """How many leading context tokens `request` shares with the last finished causal context
+        (whose keys it can then reuse): 0 for a bidirectional model, or without a cache."""
+        den, last = request.denoiser, self.last_causal
+        if last is None or not den.options.use_cache or den.steps:  # a re-encode feeds every candidate
+            return 0
+        # The last context token is always fed: it predicts the first masked one.
+        n = min(len(last.context), den.start - 1)
+        same = (last.context[:n] == den.x[0, :n]).int().cumprod(0).sum()
+        return int(same)
+
+    def _encode_after(self, request: Request, reused: int) -> tuple[Request, Tensor, Tensor]:
+        """`_encode_step` for a causal model's request whose first `reused` context tokens have
+        their keys in the last finished context: only the rest is fed."""
+        den, last = request.denoiser, self.last_causal
+        cache = self.model.new_cache(1, den.x.shape[1])
+        for dst, src in zip(cache.k + cache.v, last.cache.k + last.cache.v):
+            dst[:, :, :reused] = src[:1, :, :reused]
+        columns = den.columns_to_predict()
+        # Up to the middle only: keys of masks are never read (each is fed once decoded).
+        positions = torch.arange(reused, den.start, device=self.device)[None]
+        hidden = self.model(den.x[:1, reused:den.start], positions, cache,
+                            rows=den.start - self.shift + columns - reused, causal=True)
+        own = cache if request.n == 1 else cache.expand(request.n)
+        self.contexts[request.id] = Context(own, None, context=den.x[0, :den.start])
+        return request, self.model.logits(hidden).expand(request.n, -1, -1), columns
 
     def _window_step(self, batch: list[Request]) -> list[tuple[Request, Tensor, Tensor]]:
         """A forward of only the masked (and just decoded) positions against the cached context."""

@@ -91,6 +91,27 @@ def test_a_causal_model_decodes_as_transformers_generates_whatever_the_suffix():
     assert all(c.steps == 12 for answer in answers for c in answer)  # one token a step
 
 
+def test_a_causal_model_reuses_the_keys_of_a_context_typed_on():
+    """Keys of a causal model's context depend on nothing after them: a request whose context starts
+    as the last one's (the same file, typed on) feeds only the rest, and gets the same answer."""
+    config = dataclasses.replace(LLAMA, model_type="llama_causal")
+    fresh, reusing = (Engine(random_model(config, dtype=torch.float64, seed=5), warmup=False) for _ in range(2))
+    fed = []
+    reusing.loaded.model.register_forward_hook(lambda module, args, output: fed.append(args[0].shape[1]))
+    typed_on = PREFIX + "total / len(values)\n\n\ndef median(values):\n    return "
+    options = DecodeOptions(min_tokens=8)
+    try:
+        reusing.complete(PREFIX, SUFFIX, 8, n=2, options=options)
+        fed.clear()
+        got = reusing.complete(typed_on, SUFFIX, 8, n=2, options=options)
+        assert fed[0] <= len(typed_on) - len(PREFIX) + 1  # a byte a token: the new text and the healed end
+        assert [c.token_ids for c in got] == [c.token_ids for c in fresh.complete(typed_on, SUFFIX, 8, n=2,
+                                                                                    options=options)]
+    finally:
+        fresh.close()
+        reusing.close()
+
+
 def test_concurrent_callers_share_denoising_steps(engine):
     prompts = [("x" * i + PREFIX, SUFFIX[: 20 - i], 8 + 2 * i) for i in range(6)]
     options = DecodeOptions(policy="steps")
