@@ -130,7 +130,7 @@ class Engine:
         """The ids whose text holds a line break past its first len(healed) characters (the
         text a healed first token gives back, which is not part of the answer), on the device."""
         return torch.tensor([i for i, text in enumerate(self._token_texts) if "\n" in text[len(healed):]],
-                            device=self.device)
+                            dtype=torch.long, device=self.device)
 
     @functools.cached_property
     def _token_texts(self) -> list[str]:

@@ -112,6 +112,16 @@ def test_a_causal_model_reuses_the_keys_of_a_context_typed_on():
         reusing.close()
 
 
+def test_a_single_line_after_a_healed_token_no_token_continues_with_a_line_break():
+    """Byte tokens: none holds a line break after the healed "f", so that set is empty."""
+    engine = Engine(random_model(dataclasses.replace(LLAMA, model_type="llama_causal"), seed=5), warmup=False)
+    try:
+        completion, = engine.complete("def f", "", 6, options=DecodeOptions(min_tokens=1, single_line=True))
+    finally:
+        engine.close()
+    assert completion.text and "\n" not in completion.text[:-1]
+
+
 def test_concurrent_callers_share_denoising_steps(engine):
     prompts = [("x" * i + PREFIX, SUFFIX[: 20 - i], 8 + 2 * i) for i in range(6)]
     options = DecodeOptions(policy="steps")
