@@ -7,10 +7,9 @@ in a small LRU; a new request for a document cancels the one still in flight for
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.api import DecodeOptions, InfillEngine
 
@@ -168,7 +167,7 @@ class Completer:
         options = DecodeOptions(min_tokens=1, single_line=not span.multiline)
         parts = [engine.infill(**ask, n=1, options=options)]
         if n > 1:
-            parts.append(engine.infill(**ask, n=n - 1, options=dataclasses.replace(
+            parts.append(engine.infill(**ask, n=n - 1, options=replace(
                 options, temperature=ALTERNATIVES_TEMPERATURE)))
         work = asyncio.gather(*parts)
         self.in_flight[uri] = work

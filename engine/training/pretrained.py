@@ -120,10 +120,10 @@ def build(out_dir: str | Path, corpus_dir: str | Path, *, cache: str | Path, voc
     ids = {"eos_token_id": eos, "pad_token_id": eos, "mask_token_id": tokenizer.token_to_id(MASK_TOKEN)}
     hf = {key: config[key] for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                        "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
-                                       "rope_theta", "tie_word_embeddings") if key in config}
+                                       "tie_word_embeddings")}
+    # transformers 5 keeps rope_theta in rope_parameters.
     hf.update(model_type="llama_causal", architectures=["LlamaForCausalLM"], vocab_size=len(old_ids),
-              hidden_act="silu", **ids)
-    hf.setdefault("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+              hidden_act="silu", rope_theta=config.get("rope_theta") or config["rope_parameters"]["rope_theta"], **ids)
     (out_dir / "config.json").write_text(json.dumps(hf, indent=1))
     (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=1))
     (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False, separators=(",", ":")))
