@@ -14,6 +14,7 @@ from engine.api import DecodeOptions, EngineError
 from engine.engine import Engine
 from engine.loader import load_checkpoint, random_model
 
+CAUSAL = dataclasses.replace(LLAMA, model_type="llama_causal")  # the bundled model's family, tiny
 PREFIX = "def mean(values):\n    total = sum(values)\n    return "
 SUFFIX = "\n\n\nprint(mean([1, 2, 3]))\n"
 
@@ -71,9 +72,8 @@ def test_logit_shift_per_family_against_transformers(checkpoints, family):
 def test_a_causal_model_decodes_as_transformers_generates_whatever_the_suffix():
     """An autoregressive Llama run causally (the bundled model's family): every candidate's infill
     is transformers' greedy continuation of the prefix, with or without a suffix."""
-    config = dataclasses.replace(LLAMA, model_type="llama_causal")
-    loaded = random_model(config, dtype=torch.float64, seed=5)
-    hf_config = LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "model_type"})
+    loaded = random_model(CAUSAL, dtype=torch.float64, seed=5)
+    hf_config = LlamaConfig(**{k: v for k, v in CAUSAL.to_hf().items() if k != "model_type"})
     hf = LlamaForCausalLM._from_config(hf_config, dtype=torch.float64).eval()
     hf.load_state_dict(loaded.model.state_dict(), strict=False)
     engine = Engine(loaded, warmup=False)
@@ -94,8 +94,7 @@ def test_a_causal_model_decodes_as_transformers_generates_whatever_the_suffix():
 def test_a_causal_model_reuses_the_keys_of_a_context_typed_on():
     """Keys of a causal model's context depend on nothing after them: a request whose context starts
     as the last one's (the same file, typed on) feeds only the rest, and gets the same answer."""
-    config = dataclasses.replace(LLAMA, model_type="llama_causal")
-    fresh, reusing = (Engine(random_model(config, dtype=torch.float64, seed=5), warmup=False) for _ in range(2))
+    fresh, reusing = (Engine(random_model(CAUSAL, dtype=torch.float64, seed=5), warmup=False) for _ in range(2))
     fed = []
     reusing.loaded.model.register_forward_hook(lambda module, args, output: fed.append(args[0].shape[1]))
     typed_on = PREFIX + "total / len(values)\n\n\ndef median(values):\n    return "
@@ -114,7 +113,7 @@ def test_a_causal_model_reuses_the_keys_of_a_context_typed_on():
 
 def test_a_single_line_after_a_healed_token_no_token_continues_with_a_line_break():
     """Byte tokens: none holds a line break after the healed "f", so that set is empty."""
-    engine = Engine(random_model(dataclasses.replace(LLAMA, model_type="llama_causal"), seed=5), warmup=False)
+    engine = Engine(random_model(CAUSAL, seed=5), warmup=False)
     try:
         completion, = engine.complete("def f", "", 6, options=DecodeOptions(min_tokens=1, single_line=True))
     finally:
