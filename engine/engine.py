@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import InvalidStateError
 from pathlib import Path
 
 import torch
@@ -267,9 +268,8 @@ class Engine:
 
     def _resolve(self, request: Request, partial: bool = False, error: Exception | None = None) -> None:
         """Set the request's answer (its completions, or `error`) and drop its context cache."""
-        if error is not None:
-            request.future.set_exception(error)
-        else:
+        self.runner.forget(request.id)
+        if error is None:
             den = request.denoiser
             completions = []
             for ids, conf in den.result_rows(partial=partial):
@@ -281,5 +281,10 @@ class Engine:
                 text = text[len(request.healed):] if text.startswith(request.healed) else text
                 context = den.x.shape[1] - (den.end - den.start)
                 completions.append(Completion(text, ids, conf, den.steps, reason, context))
-            request.future.set_result(completions)
-        self.runner.forget(request.id)
+        try:
+            if error is not None:
+                request.future.set_exception(error)
+            else:
+                request.future.set_result(completions)
+        except InvalidStateError:  # cancelled from another thread since it was retired: nobody waits
+            pass

@@ -3,7 +3,7 @@
 import asyncio
 import dataclasses
 import threading
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 
 import pytest
 import torch
@@ -119,6 +119,18 @@ def test_a_single_line_after_a_healed_token_no_token_continues_with_a_line_break
     finally:
         engine.close()
     assert completion.text and "\n" not in completion.text[:-1]
+
+
+def test_an_answer_to_a_request_cancelled_meanwhile_is_dropped(engine):
+    """The worker answers a request it retired; an asyncio wrapper may cancel the request's future
+    from another thread in between. The answer is dropped and the worker keeps serving (it died
+    of InvalidStateError before)."""
+    request = engine.submit(PREFIX, SUFFIX, 4)
+    request.result()
+    request.future = Future()
+    request.future.cancel()
+    engine._resolve(request)
+    assert engine.complete(PREFIX, SUFFIX, 4)[0].steps > 0
 
 
 def test_concurrent_callers_share_denoising_steps(engine):
