@@ -34,7 +34,7 @@ class Context:
     since_encode: int = 0
     # A causal model's tokens before the middle: their keys depend on nothing after them, so a
     # later request whose context starts the same (the same file, typed on) reuses them.
-    context: Tensor | None = None
+    context_tokens: Tensor | None = None
 
 
 class StepRunner:
@@ -53,7 +53,7 @@ class StepRunner:
 
     def forget(self, request_id: int) -> None:
         context = self.contexts.pop(request_id, None)
-        if context is not None and context.context is not None:
+        if context is not None and context.context_tokens is not None:
             self.last_causal = context
 
     def reset(self) -> None:
@@ -122,8 +122,8 @@ class StepRunner:
                 if count < request.n:
                     own_cache = own_cache.expand(request.n)
                     own_mask = own_mask.expand(request.n, -1) if padded else None
-                self.contexts[request.id] = Context(own_cache, own_mask,
-                                                    context=x[0, :request.denoiser.start] if self.causal else None)
+                tokens = x[0, :request.denoiser.start] if self.causal else None
+                self.contexts[request.id] = Context(own_cache, own_mask, context_tokens=tokens)
             results.append((request, logits.expand(request.n, -1, -1), own_columns))
             offset += count
         return results
@@ -135,8 +135,8 @@ class StepRunner:
         if last is None or not den.options.use_cache or den.steps:  # a re-encode feeds every candidate
             return 0
         # The last context token is always fed: it predicts the first masked one.
-        n = min(len(last.context), den.start - 1)
-        same = (last.context[:n] == den.x[0, :n]).int().cumprod(0).sum()
+        n = min(len(last.context_tokens), den.start - 1)
+        same = (last.context_tokens[:n] == den.x[0, :n]).int().cumprod(0).sum()
         return int(same)
 
     def _encode_after(self, request: Request, reused: int) -> tuple[Request, Tensor, Tensor]:
@@ -152,7 +152,7 @@ class StepRunner:
         hidden = self.model(den.x[:1, reused:den.start], positions, cache,
                             rows=den.start - self.shift + columns - reused, causal=True)
         own = cache if request.n == 1 else cache.expand(request.n)
-        self.contexts[request.id] = Context(own, None, context=den.x[0, :den.start])
+        self.contexts[request.id] = Context(own, None, context_tokens=den.x[0, :den.start])
         return request, self.model.logits(hidden).expand(request.n, -1, -1), columns
 
     def _window_step(self, batch: list[Request]) -> list[tuple[Request, Tensor, Tensor]]:
