@@ -126,12 +126,10 @@ class Engine:
         allowed = [token.startswith(text) for token in self._token_texts]
         return torch.tensor(allowed, device=self.device) if any(allowed) else None
 
-    @functools.lru_cache(maxsize=512)  # noqa: B019 (as above)
-    def _line_breaks_after(self, healed: str) -> torch.Tensor:
-        """The ids whose text holds a line break past its first len(healed) characters (the
-        text a healed first token gives back, which is not part of the answer), on the device."""
-        return torch.tensor([i for i, text in enumerate(self._token_texts) if "\n" in text[len(healed):]],
-                            dtype=torch.long, device=self.device)
+    @functools.cached_property
+    def _last_line_break(self) -> torch.Tensor:
+        """Per vocabulary id, where the last line break stands in its text (-1: none), on the device."""
+        return torch.tensor([text.rfind("\n") for text in self._token_texts], device=self.device)
 
     @functools.cached_property
     def _token_texts(self) -> list[str]:
@@ -152,16 +150,16 @@ class Engine:
             raise EngineError("the engine is closed")
         family = self.config.family
         layout = self.layout(prefix, suffix, n_tokens)
-        if family.causal:  # one token a step, the leftmost: the only one a causal model can predict
-            options = dataclasses.replace(options, policy="fixed", tokens_per_step=1, ordering="left_to_right")
-        elif options.ordering is None:
+        if options.ordering is None:
             options = dataclasses.replace(options, ordering=family.ordering)
         generator = None
         if options.temperature > 0:
             generator = torch.Generator(self.device)
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
         first = self._tokens_starting_with(healed) if healed else None
-        breaks = (self._line_breaks_after(healed), self._line_breaks_after("")) if options.single_line else None
+        breaks = None
+        if options.single_line:  # a line break past the text a healed first token gives back ends the line
+            breaks = (self._last_line_break >= len(healed), self._last_line_break >= 0)
         denoiser = Denoiser(layout, n, options, self.special, device=self.device, generator=generator,
                             first_tokens=first, line_breaks=breaks, causal=family.causal)
         deadline = time.monotonic() + time_budget if time_budget is not None else None

@@ -69,8 +69,8 @@ class Denoiser:
         self.banned = torch.tensor((special.mask, *special.banned), device=device)
         # Token healing: the ids the first middle token may be (a bool per vocabulary id), or None.
         self.first_bias = None if first_tokens is None else torch.where(first_tokens, 0.0, -torch.inf)
-        # For a single-line infill, the ids whose answer text holds a line break: in the first
-        # column (after text a healed token gives back) and in the others; else None.
+        # For a single-line infill, a bool per vocabulary id: whether its answer text holds a line
+        # break, in the first column (after text a healed token gives back) and in the others.
         self.line_breaks = line_breaks
         self.start, self.end = layout.start, layout.end
         self.x = torch.tensor(layout.tokens, device=device).repeat(rows, 1)
@@ -133,6 +133,8 @@ class Denoiser:
 
     def step_count(self, step: int) -> int | None:
         """Tokens to unmask at `step` (None: as many as reach the threshold)."""
+        if self.causal:  # only the leftmost masked position is predicted
+            return 1
         if self.options.policy == "steps":
             return self.schedule[min(step, len(self.schedule) - 1)]
         return self.options.tokens_per_step if self.options.policy == "fixed" else None
@@ -164,7 +166,7 @@ class Denoiser:
         after_end = (ended.cumsum(dim=1) > 0) & masked
         if self.line_breaks is not None:
             first, rest = self.line_breaks
-            broken = torch.cat((torch.isin(middle[:, :1], first), torch.isin(middle[:, 1:], rest)), dim=1) & ~masked
+            broken = torch.cat((first[middle[:, :1]], rest[middle[:, 1:]]), dim=1) & ~masked
             after_end |= broken.cumsum(dim=1) - broken.long() > 0
         middle.copy_(torch.where(after_end, self.pad, middle))
         masked &= ~after_end
@@ -180,8 +182,8 @@ class Denoiser:
             early = (columns < self.options.min_tokens + (self.first_bias is not None))[None, :, None]
             logits = torch.where(early, logits.index_fill(-1, self.stop, -torch.inf), logits)
             if self.line_breaks is not None:
-                for breaks, here in zip(self.line_breaks, (columns == 0, columns > 0)):
-                    logits = torch.where(early & here[None, :, None], logits.index_fill(-1, breaks, -torch.inf), logits)
+                first, rest = self.line_breaks
+                logits = logits.masked_fill(early & torch.where((columns == 0)[:, None], first, rest), -torch.inf)
         if self.first_bias is not None:
             logits = torch.where((columns == 0)[None, :, None], logits + self.first_bias, logits)
         return logits

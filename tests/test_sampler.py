@@ -61,6 +61,11 @@ def denoiser(n=4, **options):
     return Denoiser(layout(n=n), 1, DecodeOptions(**options), SPECIAL, device="cpu")
 
 
+def breaks(*ids):
+    """Line-break flags per vocabulary id: True for `ids`."""
+    return torch.isin(torch.arange(VOCAB), torch.tensor(ids))
+
+
 def step(den, rows):
     den.update(logits_for(rows), torch.arange(len(rows)))
 
@@ -135,7 +140,7 @@ def test_a_single_line_ends_after_its_line_break_which_never_comes_first():
     NEWLINE = 4  # a token whose text holds a line break
     den = Denoiser(layout(n=4), 1, DecodeOptions(policy="threshold", threshold=0.9, min_tokens=1,
                                                  single_line=True), SPECIAL, device="cpu",
-                   line_breaks=(torch.tensor([NEWLINE]), torch.tensor([NEWLINE])))
+                   line_breaks=(breaks(NEWLINE), breaks(NEWLINE)))
     step(den, [(NEWLINE, 0.99), (NEWLINE, 0.95), (5, 0.1), (6, 0.99)])
     assert den.middle[0, 0].item() != NEWLINE  # a line break first would be an empty line
     assert den.middle[0, 1:].tolist() == [NEWLINE, PAD, PAD] and not den.masked[0, 1:].any()
@@ -144,7 +149,7 @@ def test_a_single_line_ends_after_its_line_break_which_never_comes_first():
     HEALED = 3
     den = Denoiser(layout(n=3), 1, DecodeOptions(policy="threshold", threshold=0.9, min_tokens=1,
                                                  single_line=True), SPECIAL, device="cpu",
-                   line_breaks=(torch.tensor([NEWLINE]), torch.tensor([NEWLINE, HEALED])))
+                   line_breaks=(breaks(NEWLINE), breaks(NEWLINE, HEALED)))
     step(den, [(HEALED, 0.99), (5, 0.99), (NEWLINE, 0.99)])
     assert den.middle[0].tolist() == [HEALED, 5, NEWLINE]
     # Without single_line the same step keeps decoding past the line break.
