@@ -263,14 +263,19 @@ def save_checkpoint(loaded: LoadedModel, directory: str | Path, max_shard_bytes:
     if config.tie_embeddings:
         state.pop("lm_head.weight")
     save_weights(state, directory, max_shard_bytes)
-    special = loaded.special
+    save_config(directory, config, loaded.special, loaded.tokenizer)
+
+
+def save_config(directory: Path, config: ModelConfig, special: SpecialIds, tokenizer: Tokenizer) -> None:
+    """What `load_checkpoint` reads besides the weights: config.json with the special ids,
+    generation_config.json, tokenizer.json and tokenizer_config.json."""
     ids = {"mask_token_id": special.mask, "eos_token_id": special.eos, "pad_token_id": special.pad,
            "bos_token_id": special.bos}
     (directory / "config.json").write_text(json.dumps({**config.to_hf(), **ids}, indent=1))
     (directory / "generation_config.json").write_text(json.dumps(ids, indent=1))
-    loaded.tokenizer.save(str(directory / "tokenizer.json"))
+    tokenizer.save(str(directory / "tokenizer.json"), pretty=False)
     ids_by_name = {"mask": special.mask, "eos": special.eos, "pad": special.pad, "bos": special.bos}
-    names = {f"{k}_token": loaded.tokenizer.id_to_token(v) for k, v in ids_by_name.items() if v is not None}
+    names = {f"{k}_token": tokenizer.id_to_token(v) for k, v in ids_by_name.items() if v is not None}
     (directory / "tokenizer_config.json").write_text(json.dumps(names, indent=1))
 
 

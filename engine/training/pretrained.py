@@ -16,6 +16,7 @@ It runs causally in the engine (Family "llama_causal"): it reads the prefix only
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import zipfile
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from ..loader import save_weights
+from ..config import ModelConfig
+from ..loader import SpecialIds, save_config, save_weights
 from ..packed import pack
 from .corpus import TrainingError, _download, read_corpus
 
@@ -124,19 +126,12 @@ def build(out_dir: str | Path, corpus_dir: str | Path, *, cache: str | Path, voc
             state[name] = tensor.half()
     out_dir.mkdir(parents=True, exist_ok=True)
     files = save_weights(state, out_dir, MAX_SHARD_BYTES)
+    # The published Llama, run causally, with the vocabulary cut.
+    release = dataclasses.replace(ModelConfig.from_hf({**config, "model_type": "llama"}),
+                                  model_type="llama_causal", vocab_size=len(old_ids))
     eos = tokenizer.token_to_id("<|endoftext|>")
-    ids = {"eos_token_id": eos, "pad_token_id": eos, "mask_token_id": tokenizer.token_to_id(MASK_TOKEN)}
-    hf = {key: config[key] for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                       "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
-                                       "tie_word_embeddings")}
-    # transformers 5 keeps rope_theta in rope_parameters.
-    hf.update(model_type="llama_causal", architectures=["LlamaForCausalLM"], vocab_size=len(old_ids),
-              hidden_act="silu", rope_theta=config.get("rope_theta") or config["rope_parameters"]["rope_theta"], **ids)
-    (out_dir / "config.json").write_text(json.dumps(hf, indent=1))
-    (out_dir / "generation_config.json").write_text(json.dumps(ids, indent=1))
-    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False, separators=(",", ":")))
-    names = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": MASK_TOKEN}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(names, indent=1))
+    save_config(out_dir, release, SpecialIds(mask=tokenizer.token_to_id(MASK_TOKEN), eos=eos, pad=eos, bos=None),
+                tokenizer)
     covered = sum(counts[i] for i in old_ids) / max(1, sum(counts.values()))
     sources = {**SOURCE, "vocabulary": {"kept": len(old_ids), "of": published_vocab,
                                         "sample_tokens": sum(counts.values()), "sample_share_kept": round(covered, 5)}}
