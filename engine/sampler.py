@@ -12,7 +12,9 @@ leftmost masked position and the confident run right after it (a small model rea
 middle grows from the prefix, as it was trained). Temperature and top-p shape the token draw.
 Once a position decodes to EOS or pad, the infill ends there; a single-line infill ends after
 its first line break. A causal model (Family.causal) predicts only the leftmost masked position,
-from the one before it: it decodes left to right, one token a step.
+from the one before it: it decodes left to right, one token a step, or, greedy, a few: the tokens
+that followed the latest earlier occurrence of its last ones are drafted into the next masks and
+kept as far as the model predicts the same from them (prompt lookup decoding).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 from .api import DecodeOptions, EngineError
 from .loader import SpecialIds
 
+LOOKUP_NGRAM = 3  # the longest run of last tokens prompt lookup matches
 
 @dataclass
 class Layout:
@@ -62,8 +65,9 @@ class Denoiser:
     def __init__(self, layout: Layout, rows: int, options: DecodeOptions, special: SpecialIds, *, device,
                  generator: torch.Generator | None = None, first_tokens: Tensor | None = None,
                  line_breaks: tuple[Tensor, Tensor] | None = None, causal: bool = False):
-        self.options, self.stop_ids, self.pad = options, special.stop_ids, special.pad
+        self.options, self.stop_ids, self.pad, self.mask = options, special.stop_ids, special.pad, special.mask
         self.causal = causal
+        self.drafted = 0  # masked columns after the leftmost that hold drafted tokens
         # Made here: a CUDA graph cannot copy them in.
         self.stop = torch.tensor(self.stop_ids, device=device)
         self.banned = torch.tensor((special.mask, *special.banned), device=device)
@@ -92,9 +96,9 @@ class Denoiser:
 
     def columns_to_predict(self) -> Tensor:
         """Middle columns still masked in some row: the only ones whose logits are needed (for a
-        causal model the leftmost alone)."""
+        causal model the leftmost and the drafted ones after it)."""
         columns = self.masked.any(dim=0).nonzero()[:, 0]
-        return columns[:1] if self.causal else columns
+        return columns[:1 + self.drafted] if self.causal else columns
 
     def window(self, shift: int, full: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """What a cached step must feed: (positions, rows of them to predict from, columns).
@@ -102,8 +106,8 @@ class Denoiser:
         Masked positions and those decoded last step are fed, so their keys in the cache are
         refreshed (decoded tokens are then frozen, as in dKV-Cache); a shifted model also needs
         the position before each masked one. `full` feeds the whole middle, as Fast-dLLM does. A
-        causal model feeds only the position its next token is predicted from, which holds the
-        token decoded last (keys to its right are never read).
+        causal model feeds only the positions its next tokens are predicted from: the token
+        decoded last and the drafted ones (keys to their right are never read).
         """
         columns = self.columns_to_predict()
         if self.causal:
@@ -122,6 +126,27 @@ class Denoiser:
             raise EngineError("the model produced NaN or infinite logits")
         self.unmask(logits, columns, self.step_count(self.steps))
         self.steps += 1
+        if self.causal and self.options.lookup and self.options.temperature == 0 and len(self.x) == 1:
+            self._draft()
+
+    def _draft(self) -> None:
+        """Write into the masks after the leftmost the tokens that followed the latest earlier
+        occurrence of the last 3 (else 2, else 1) decoded or context tokens."""
+        self.middle.masked_fill_(self.masked, self.mask)
+        self.drafted = 0
+        masked = self.masked[0].nonzero()[:, 0]
+        room = min(self.options.lookup, len(masked) - 1)
+        if room <= 0:
+            return
+        seen = self.x[0, :self.start + int(masked[0])]
+        for n in range(min(LOOKUP_NGRAM, len(seen) - 1), 0, -1):
+            hits = (seen[:-1].unfold(0, n, 1) == seen[-n:]).all(dim=1).nonzero()
+            if len(hits):
+                after = int(hits[-1]) + n
+                draft = seen[after:after + room].clone()  # seen is a view of x, which it is written into
+                self.middle[0, masked[:len(draft)]] = draft
+                self.drafted = len(draft)
+                return
 
     def load_window(self, shift: int, tokens: Tensor, masked: Tensor, confidence: Tensor, steps: int = 0) -> None:
         """Take over a state advanced elsewhere (a CUDA graph's): `tokens` for the window from the
@@ -132,9 +157,10 @@ class Denoiser:
         self.steps += steps
 
     def step_count(self, step: int) -> int | None:
-        """Tokens to unmask at `step` (None: as many as reach the threshold)."""
-        if self.causal:  # only the leftmost masked position is predicted
-            return 1
+        """Tokens to unmask at `step` (None: as many as reach the threshold; for a causal model,
+        as many drafted ones as the model agrees with)."""
+        if self.causal:
+            return None
         if self.options.policy == "steps":
             return self.schedule[min(step, len(self.schedule) - 1)]
         return self.options.tokens_per_step if self.options.policy == "fixed" else None
@@ -144,12 +170,21 @@ class Denoiser:
         logits = self._constrain(logits, columns)
         drawn, confidence, score = self._draw(logits)
         masked, middle = self.masked, self.middle
-        if columns is not None:
-            drawn = torch.zeros_like(middle).index_copy_(1, columns, drawn)
-            confidence = torch.zeros_like(self.confidence).index_copy_(1, columns, confidence)
+        if columns is None:
+            columns = torch.arange(middle.shape[1], device=middle.device)
+        if self.causal:
+            # The leftmost prediction is kept, and each one after it while the drafted token it
+            # was predicted from is the one predicted there.
+            agreed = drawn[:, :-1] == middle[:, columns[:-1]]
+            run = torch.cat((agreed.new_ones(len(agreed), 1), agreed), dim=1).cumprod(dim=1).bool()
+        else:
             score = torch.full_like(self.confidence, -torch.inf).index_copy_(1, columns, score)
-        score = torch.where(masked, score, -torch.inf)
-        if count is None:
+            score = torch.where(masked, score, -torch.inf)
+        drawn = torch.zeros_like(middle).index_copy_(1, columns, drawn)
+        confidence = torch.zeros_like(self.confidence).index_copy_(1, columns, confidence)
+        if self.causal:
+            keep = torch.zeros_like(masked).index_copy_(1, columns, run)
+        elif count is None:
             keep = confidence >= self.options.threshold
             keep.scatter_(1, score.argmax(dim=1, keepdim=True), True)  # at least one per step
             if self.options.ordering == "left_to_right":  # only a run that continues what is decoded

@@ -188,6 +188,11 @@ def cmd_bench(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=1))
         return 0
+    if args.code:
+        from engine.bench import code
+
+        print(json.dumps(code.run(args.model, args.device, args.requests, args.int8), indent=None if args.json else 1))
+        return 0
     if args.lsp:
         from engine.bench import server
 
@@ -321,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="infill latency of the samplers and an autoregressive baseline")
     bench.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     bench.add_argument("--lsp", action="store_true", help="the language server over the protocol instead")
-    bench.add_argument("--requests", type=int, default=40, help="--lsp: completion requests to time")
+    bench.add_argument("--code", action="store_true", help="infills at cursors in real code, one token a step "
+                       "against prompt lookup (a causal model's), side by side")
+    bench.add_argument("--requests", type=int, default=40, help="--lsp, --code: completion requests to time")
     bench.add_argument("--engine-url", metavar="URL", type=_url, help="an engine service: the same infills in-process "
                        "(--model) and over HTTP, side by side")
     bench.add_argument("--editors", type=int, help="--engine-url: a load test with this many simulated editors")

@@ -111,6 +111,19 @@ def test_a_causal_model_reuses_the_keys_of_a_context_typed_on():
         reusing.close()
 
 
+def test_prompt_lookup_gives_the_same_infill_in_fewer_steps():
+    """A random causal model soon repeats itself: the repeats are drafted and kept, and the
+    infill is the one decoded a token a step."""
+    engine = Engine(random_model(CAUSAL, seed=5), warmup=False)
+    try:
+        one, drafted = (engine.complete(PREFIX * 3, "", 32, options=DecodeOptions(min_tokens=32, lookup=k))[0]
+                        for k in (0, 2))
+    finally:
+        engine.close()
+    assert drafted.token_ids == one.token_ids and len(one.token_ids) == 32
+    assert one.steps == 32 and drafted.steps < 24
+
+
 def test_a_single_line_after_a_healed_token_no_token_continues_with_a_line_break():
     """Byte tokens: none holds a line break after the healed "f", so that set is empty."""
     engine = Engine(random_model(CAUSAL, seed=5), warmup=False)

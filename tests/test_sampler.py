@@ -158,6 +158,29 @@ def test_a_single_line_ends_after_its_line_break_which_never_comes_first():
     assert den.masked[0].tolist() == [False, False, True, False]
 
 
+def test_a_causal_model_keeps_the_drafted_tokens_it_agrees_with():
+    """Prompt lookup: after `1 2 3 1 2` and a decoded `3`, what followed the earlier `1 2 3` is
+    drafted; predictions from the drafts are kept up to the first that differs from its draft."""
+    den = Denoiser(layout(prefix=(1, 2, 3, 1, 2), suffix=(), n=6), 1, DecodeOptions(), SPECIAL,
+                   device="cpu", causal=True)
+    den.update(logits_for([(3, 0.9)]), den.columns_to_predict())
+    assert den.middle.tolist() == [[3, 1, 2, MASK, MASK, MASK]]
+    assert den.columns_to_predict().tolist() == [1, 2, 3]
+    # 1 is the draft, so 5 (predicted from it) is kept; 5 is not the draft 2, so 6 (from 2) is not.
+    den.update(logits_for([(1, 0.9), (5, 0.9), (6, 0.9)]), den.columns_to_predict())
+    assert den.middle.tolist() == [[3, 1, 5, MASK, MASK, MASK]]  # `5` was never seen before: no draft
+    assert den.masked.tolist() == [[False, False, False, True, True, True]]
+    assert den.columns_to_predict().tolist() == [3]
+
+
+def test_without_lookup_a_causal_model_decodes_one_token_a_step():
+    den = Denoiser(layout(prefix=(1, 2, 3, 1, 2), suffix=(), n=6), 1, DecodeOptions(lookup=0), SPECIAL,
+                   device="cpu", causal=True)
+    den.update(logits_for([(3, 0.9)]), den.columns_to_predict())
+    assert den.middle.tolist() == [[3, MASK, MASK, MASK, MASK, MASK]]
+    assert den.columns_to_predict().tolist() == [1]
+
+
 def test_partial_result_stops_at_the_first_mask():
     den = denoiser(n=4, policy="threshold", threshold=0.9)
     step(den, [(5, 0.95), (6, 0.1), (7, 0.95), (3, 0.1)])
@@ -198,7 +221,8 @@ def test_temperature_sampling_is_seeded():
 
 @pytest.mark.parametrize("bad", [dict(policy="greedy"), dict(ordering="random"), dict(steps=0),
                                  dict(threshold=1.5), dict(temperature=-1), dict(top_p=0),
-                                 dict(tokens_per_step=0), dict(refresh_every=-1), dict(min_tokens=-1)])
+                                 dict(tokens_per_step=0), dict(refresh_every=-1), dict(min_tokens=-1),
+                                 dict(lookup=-1)])
 def test_invalid_options(bad):
     with pytest.raises(ValueError):
         DecodeOptions(**bad)
