@@ -64,5 +64,6 @@ def run(model_dir: str | None, device: str | None, count: int = 30, int8: bool =
                         for stat, fn in (("p50", statistics.median), ("mean", statistics.fmean))}
         result[name]["steps"] = steps[name]
     base, lookup = result["one_token_a_step"], result["prompt_lookup"]
-    result["speedup"] = {key.removesuffix("_ms"): round(base[key] / lookup[key], 2) for key in base if key.endswith("_ms")}
+    result["speedup"] = {key.removesuffix("_ms"): round(base[key] / lookup[key], 2)
+                         for key in base if key.endswith("_ms")}
     return result
