@@ -29,6 +29,7 @@ from .loader import SpecialIds
 
 LOOKUP_NGRAM = 3  # the longest run of last tokens prompt lookup matches
 
+
 @dataclass
 class Layout:
     tokens: list[int]
@@ -170,18 +171,16 @@ class Denoiser:
         logits = self._constrain(logits, columns)
         drawn, confidence, score = self._draw(logits)
         masked, middle = self.masked, self.middle
-        if columns is None:
-            columns = torch.arange(middle.shape[1], device=middle.device)
-        if self.causal:
+        if self.causal:  # the runner always names a causal model's columns
             # The leftmost prediction is kept, and each one after it while the drafted token it
             # was predicted from is the one predicted there.
             agreed = drawn[:, :-1] == middle[:, columns[:-1]]
             run = torch.cat((agreed.new_ones(len(agreed), 1), agreed), dim=1).cumprod(dim=1).bool()
-        else:
+        if columns is not None:
+            drawn = torch.zeros_like(middle).index_copy_(1, columns, drawn)
+            confidence = torch.zeros_like(self.confidence).index_copy_(1, columns, confidence)
             score = torch.full_like(self.confidence, -torch.inf).index_copy_(1, columns, score)
-            score = torch.where(masked, score, -torch.inf)
-        drawn = torch.zeros_like(middle).index_copy_(1, columns, drawn)
-        confidence = torch.zeros_like(self.confidence).index_copy_(1, columns, confidence)
+        score = torch.where(masked, score, -torch.inf)
         if self.causal:
             keep = torch.zeros_like(masked).index_copy_(1, columns, run)
         elif count is None:
