@@ -25,6 +25,7 @@ import torch
 from .api import Capacity, Completion, DecodeOptions, EngineError
 from .catalog import resolve
 from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, random_model
+from .packed import use_int4_kernels
 from .quantize import quantize_int8
 from .runner import StepRunner
 from .sampler import Denoiser, Layout, build_layout
@@ -85,10 +86,11 @@ class Engine:
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, device: str | None = None,
-             dtype: torch.dtype | None = None, int8: bool = False, **kwargs) -> Engine:
+             dtype: torch.dtype | None = None, int8: bool = False, int4: bool = True, **kwargs) -> Engine:
         """Load `model_dir` (a directory or a pulled model's name), or with none the bundled model;
         without that (a source tree without its weights), a tiny random-weight model whose output
-        is noise. `int8`: quantize the linear layers for a CPU (quantize.py)."""
+        is noise. `int8`: quantize the linear layers for a CPU (quantize.py). `int4`: on a CPU,
+        decode steps multiply weights stored 4-bit as they are (packed.py)."""
         device = device or default_device()
         dtype = dtype or default_dtype(device)
         if model_dir is None and not (BUNDLED_DIR / "config.json").exists():
@@ -101,6 +103,8 @@ class Engine:
             quantize_int8(loaded)
         elif int8:
             log.warning("int8 is for CPUs: the model runs in %s on %s", dtype, device)
+        elif int4 and device == "cpu":
+            use_int4_kernels(loaded.model, loaded.packed)
         return cls(loaded, **kwargs)
 
     # -- the API callers use, from any thread -------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,6 +67,7 @@ class LoadedModel:
     special: SpecialIds
     name: str
     random_weights: bool = False
+    packed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # weights stored 4-bit, by name
 
 
 def _read_json(path: Path, required: bool) -> dict:
@@ -139,7 +140,8 @@ def _tokenizer_rows(tokenizer: Tokenizer) -> int:
     return max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The float weights by name, and the parts of those stored 4-bit."""
     index_path = directory / "model.safetensors.index.json"
     if (directory / "model.safetensors").exists():
         files = [directory / "model.safetensors"]
@@ -160,7 +162,8 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
             weights.update(load_file(path))
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path.name} is corrupt: {err}") from None
-    return unpack_all(weights)
+    packed = unpack_all(weights)  # the float matrices restored into `weights`
+    return weights, packed
 
 
 def _rename_llada(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -196,7 +199,7 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", dtype: torch.dty
     _check_ids_fit(tokenizer_rows, special, config.vocab_size)
     # Rows the tokenizer never produces (an embedding padded for speed) are never predicted either.
     special.banned += tuple(range(tokenizer_rows, config.vocab_size))
-    weights = _read_weights(directory)
+    weights, packed = _read_weights(directory)
     if any(name.startswith("model.transformer.") for name in weights):
         weights = _rename_llada(weights)
     with torch.device("meta"):
@@ -220,7 +223,7 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", dtype: torch.dty
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(config)
     model = model.to(device=device, dtype=dtype).eval()
-    return LoadedModel(model, tokenizer, special, name=directory.name)
+    return LoadedModel(model, tokenizer, special, name=directory.name, packed=packed)
 
 
 def byte_tokenizer() -> Tokenizer:

@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     bench.add_argument("--lsp", action="store_true", help="the language server over the protocol instead")
     bench.add_argument("--code", action="store_true", help="infills at cursors in real code, one token a step "
-                       "against prompt lookup (a causal model's), side by side")
+                       "against prompt lookup (a causal model's) and 4-bit decode steps, side by side")
     bench.add_argument("--requests", type=int, default=40, help="--lsp, --code: completion requests to time")
     bench.add_argument("--engine-url", metavar="URL", type=_url, help="an engine service: the same infills in-process "
                        "(--model) and over HTTP, side by side")

@@ -70,13 +70,15 @@ def test_bench_quick_rows():
         assert row["p95_ms"] >= row["p50_ms"] > 0
 
 
-def test_bench_code_compares_prompt_lookup_with_one_token_a_step(capsys):
+def test_bench_code_compares_prompt_lookup_and_4_bit_steps_with_one_token_a_step(capsys):
     run = Run(capsys, "bench", "--code", "--requests", 2, "--json")
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    assert out["model"] == "bundled" and out["identical_infills"] == 2
+    assert out["model"] == "bundled" and out["identical_infills"]["prompt_lookup"] == 2  # lookup is exact
+    assert 0 <= out["identical_infills"]["prompt_lookup_int4"] <= 2
     assert 0 < out["prompt_lookup"]["steps"] <= out["one_token_a_step"]["steps"]
-    assert set(out["speedup"]) == {"fresh_p50", "fresh_mean", "typed_p50", "typed_mean"}
+    assert set(out["speedup"]) == {"prompt_lookup", "prompt_lookup_int4"}
+    assert set(out["speedup"]["prompt_lookup_int4"]) == {"fresh_p50", "fresh_mean", "typed_p50", "typed_mean"}
 
 
 def test_bench_refuses_a_shape_too_big_for_this_machine(capsys):

@@ -10,8 +10,9 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from engine.config import CheckpointError
+from engine.engine import Engine
 from engine.loader import byte_tokenizer, load_checkpoint, random_model, save_checkpoint
-from engine.packed import GROUP, pack, unpack
+from engine.packed import GROUP, Int4Linear, pack, unpack
 from engine.quantize import quantize_int8
 
 
@@ -179,13 +180,9 @@ def test_a_shard_missing_from_the_index_is_named(tmp_path):
 
 def test_4_bit_weights_load_within_half_a_step_of_the_float_ones(tmp_path):
     original = random_model("tiny", seed=6)
-    save_checkpoint(original, tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
-    stored = {}
-    for name, tensor in weights.items():
-        parts = pack(tensor) if tensor.dim() == 2 else {"": tensor}
-        stored.update({name + suffix: part for suffix, part in parts.items()})
-    save_file(stored, tmp_path / "model.safetensors")
+    save_checkpoint(original, tmp_path / "float")
+    weights = load_file(tmp_path / "float" / "model.safetensors")
+    _save_4_bit(original, tmp_path)
     restored = load_checkpoint(tmp_path).model.state_dict()
     for name, tensor in weights.items():
         if tensor.dim() == 2:
@@ -203,6 +200,52 @@ def test_a_matrix_on_the_4_bit_grid_is_stored_exactly():
     step = torch.rand(8, 1) * 0.01 + 0.001
     weight = (codes - 7) * step  # zero point 7: exactly 119/17
     assert torch.allclose(unpack(pack(weight)), weight, atol=step.max().item() * 0.01)
+
+
+def _save_4_bit(loaded, directory):
+    """`loaded` saved with every matrix stored 4-bit, as the bundled model is."""
+    save_checkpoint(loaded, directory)
+    stored = {}
+    for name, tensor in load_file(directory / "model.safetensors").items():
+        parts = pack(tensor) if tensor.dim() == 2 else {"": tensor}
+        stored.update({name + suffix: part for suffix, part in parts.items()})
+    save_file(stored, directory / "model.safetensors")
+
+
+def test_a_4_bit_layer_multiplies_its_codes_as_its_float_weight_does():
+    torch.manual_seed(0)
+    parts = pack(torch.randn(48, 96))
+    weight, bias = torch.nn.Parameter(unpack(parts)), torch.nn.Parameter(torch.randn(48))
+    layer = Int4Linear(weight, bias, parts)
+    for shape in ((1, 96), (1, 3, 96), (Int4Linear.MAX_ROWS, 96)):  # the kernel, in bfloat16 activations
+        x = torch.randn(shape)
+        expected = torch.nn.functional.linear(x, weight, bias)
+        assert layer(x).shape == expected.shape
+        assert torch.allclose(layer(x), expected, atol=0.05 * expected.abs().max().item())
+    x = torch.randn(Int4Linear.MAX_ROWS + 1, 96)  # a context: the float weight
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, weight, bias))
+
+
+def test_on_a_cpu_an_engine_decodes_with_4_bit_weights_as_they_are(tmp_path):
+    _save_4_bit(random_model("tiny", seed=7), tmp_path)
+    engines = {int4: Engine.load(tmp_path, device="cpu", int4=int4, warmup=False) for int4 in (False, True)}
+    try:
+        models = {int4: engine.loaded.model for int4, engine in engines.items()}
+        layers = [module for module in models[True].modules() if isinstance(module, Int4Linear)]
+        assert len(layers) == 2 * 7 + 1  # every linear layer, and the head tied to the 4-bit embedding
+        assert not any(isinstance(module, Int4Linear) for module in models[False].modules())
+        ids = torch.randint(0, 300, (1, 40))
+        hidden = {}
+        for int4, model in models.items():
+            with torch.no_grad():
+                cache = model.new_cache(1, 41)
+                model(ids, torch.arange(40)[None], cache, kv_len=40)  # the context: float weights
+                hidden[int4] = model.logits(model(ids[:, -1:], torch.tensor([[40]]), cache))  # a step
+        assert torch.allclose(hidden[True], hidden[False], atol=0.05 * hidden[False].abs().max().item())
+        assert engines[True].complete("def f(", "", 8)[0].token_ids  # it serves
+    finally:
+        for engine in engines.values():
+            engine.close()
 
 
 def test_a_4_bit_weight_missing_a_part_is_named(tmp_path):
