@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import InvalidStateError
+from concurrent.futures import InvalidStateError, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -43,6 +43,18 @@ def default_device() -> str:
 def default_dtype(device: str) -> torch.dtype:
     # bf16 is fast on GPUs and several times slower than fp32 on CPUs without AVX512-BF16.
     return torch.bfloat16 if device in ("cuda", "mps") else torch.float32
+
+
+def _on_own_thread(work: Callable, *args, **kwargs):
+    """`work`'s result, computed on a thread that ends with it.
+
+    torch's CPU builds keep an OpenMP team of threads for each thread that ran parallel work. A
+    loading thread's team beside the worker's puts more threads than cores under libgomp, which
+    then stops spinning between parallel regions, and each of a forward's thousand ops waits for
+    its threads to wake: on 2 cores the worker's forwards took 1.5-5x as long as on the thread
+    that loaded. A thread's team ends with the thread."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(work, *args, **kwargs).result()
 
 
 log = logging.getLogger(__name__)
@@ -96,16 +108,20 @@ class Engine:
         if model_dir is None and not (BUNDLED_DIR / "config.json").exists():
             log.warning("no model given and the bundled model is missing (%s): using a tiny random-weight model, "
                         "whose completions are noise (give a checkpoint directory)", BUNDLED_DIR)
-            return cls(random_model("tiny", device=device, dtype=dtype), **kwargs)
+            return cls(_on_own_thread(random_model, "tiny", device=device, dtype=dtype), **kwargs)
         model_dir = BUNDLED_DIR if model_dir is None else resolve(str(model_dir))
-        loaded = load_checkpoint(model_dir, device=device, dtype=dtype)
-        if int8 and device == "cpu":
-            quantize_int8(loaded)
-        elif int8:
-            log.warning("int8 is for CPUs: the model runs in %s on %s", dtype, device)
-        elif int4 and device == "cpu":
-            use_int4_kernels(loaded.model, loaded.packed)
-        return cls(loaded, **kwargs)
+
+        def prepare() -> LoadedModel:
+            loaded = load_checkpoint(model_dir, device=device, dtype=dtype)
+            if int8 and device == "cpu":
+                quantize_int8(loaded)
+            elif int8:
+                log.warning("int8 is for CPUs: the model runs in %s on %s", dtype, device)
+            elif int4 and device == "cpu":
+                use_int4_kernels(loaded.model, loaded.packed)
+            return loaded
+
+        return cls(_on_own_thread(prepare), **kwargs)
 
     # -- the API callers use, from any thread -------------------------------------------
 

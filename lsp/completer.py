@@ -28,9 +28,6 @@ PREFIX_PER_MASK = 8  # the prefix window is at most this many tokens per masked 
 SUFFIX_TOKENS = SYNTAX_TOKENS = 256  # the most the suffix window and the syntax context get
 BUDGET_FOR_CONTEXT = 0.5  # the share of the time budget an infill's context may take
 MIN_CONTEXT_TOKENS = 64  # however slow the engine, the context it gets
-# The engine measures its speed once, at start-up; a shared machine then runs slower or faster.
-# An answer the time budget cut shrinks the next context, one in time lets it grow back (AIMD).
-CONTEXT_BACKOFF, CONTEXT_REGROWTH, MIN_CONTEXT_SCALE = 0.7, 1.1, 0.25
 
 
 @dataclass
@@ -52,7 +49,6 @@ class Completer:
         self.waiting: dict[str, object] = {}  # uri -> the newest request in its debounce
         self.last_latency_ms: float | None = None  # the engine's, for the last infill
         self.last_timing: dict[str, float] = {}  # the last request's: total and engine milliseconds
-        self.context_scale = 1.0  # the share of the start-up speed's context that answers in time now
         self.accepted = 0
         self.cancelled = 0  # engine requests stopped early: by the client or by a newer request
 
@@ -122,7 +118,7 @@ class Completer:
             # Only as much context as the engine gets through in half the time budget: a slow
             # device (a CPU with a real checkpoint) then suggests from less context, not nothing.
             seconds = self.options.time_budget_ms / 1000 * BUDGET_FOR_CONTEXT
-            affordable = max(MIN_CONTEXT_TOKENS, int(capacity.context_per_second * seconds * self.context_scale))
+            affordable = max(MIN_CONTEXT_TOKENS, int(capacity.context_per_second * seconds))
             room = affordable if room is None else min(room, affordable)
         if room is not None:
             prefix_tokens = min(prefix_tokens, int(room * PREFIX_SHARE))
@@ -186,8 +182,4 @@ class Completer:
             if self.in_flight.get(uri) is work:
                 del self.in_flight[uri]
         self.last_latency_ms = self.last_timing["engineMs"] = (time.perf_counter() - start) * 1000
-        if any(c.finish_reason == "budget" for c in completions):
-            self.context_scale = max(MIN_CONTEXT_SCALE, self.context_scale * CONTEXT_BACKOFF)
-        else:
-            self.context_scale = min(1.0, self.context_scale * CONTEXT_REGROWTH)
         return [c.text for c in completions]

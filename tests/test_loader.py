@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,24 @@ def test_on_a_cpu_an_engine_decodes_with_4_bit_weights_as_they_are(tmp_path):
     finally:
         for engine in engines.values():
             engine.close()
+
+
+def test_an_engine_loads_its_model_on_a_thread_that_ends(tmp_path, monkeypatch):
+    # The thread that loads leaves no OpenMP team idling beside the engine worker's (engine.py).
+    save_checkpoint(random_model("tiny", seed=8), tmp_path)
+    loaders = []
+
+    def load(*args, **kwargs):
+        loaders.append(threading.current_thread())
+        return load_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr("engine.engine.load_checkpoint", load)
+    engine = Engine.load(tmp_path, device="cpu", warmup=False)
+    try:
+        assert loaders[0] is not threading.current_thread() and not loaders[0].is_alive()
+        assert engine.complete("def f(", "", 4)[0].token_ids
+    finally:
+        engine.close()
 
 
 def test_a_4_bit_weight_missing_a_part_is_named(tmp_path):
