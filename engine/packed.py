@@ -113,16 +113,13 @@ class Int4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def use_int4_kernels(model: Transformer, packed: dict[str, dict[str, Tensor]]) -> int:
+def use_int4_kernels(model: Transformer, packed: dict[str, dict[str, Tensor]]) -> None:
     """Swap each linear layer of `model` whose weight was stored 4-bit for an `Int4Linear`, in
-    place (a head tied to a 4-bit embedding too); the number swapped."""
+    place (a head tied to a 4-bit embedding too)."""
     if model.config.tie_embeddings and "model.embed_tokens.weight" in packed:
         packed = {**packed, "lm_head.weight": packed["model.embed_tokens.weight"]}
-    swapped = 0
     for name, module in list(model.named_modules()):
         parts = packed.get(name + ".weight")
         if isinstance(module, nn.Linear) and parts is not None and Int4Linear.fits(module.weight):
             parent, _, attribute = name.rpartition(".")
             setattr(model.get_submodule(parent), attribute, Int4Linear(module.weight, module.bias, parts))
-            swapped += 1
-    return swapped
