@@ -119,6 +119,7 @@ class Engine:
                 log.warning("int8 is for CPUs: the model runs in %s on %s", dtype, device)
             elif int4 and device == "cpu":
                 use_int4_kernels(loaded.model, loaded.packed)
+            loaded.packed = {}  # the layers hold what they need: the parts need not live on (65 MB)
             return loaded
 
         return cls(_on_own_thread(prepare), **kwargs)
