@@ -25,7 +25,7 @@ import torch
 from .api import Capacity, Completion, DecodeOptions, EngineError
 from .catalog import resolve
 from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, random_model
-from .packed import use_int4_kernels
+from .packed import native_bfloat16, use_int4_kernels
 from .quantize import quantize_int8
 from .runner import StepRunner
 from .sampler import Denoiser, Layout, build_layout
@@ -102,7 +102,8 @@ class Engine:
         """Load `model_dir` (a directory or a pulled model's name), or with none the bundled model;
         without that (a source tree without its weights), a tiny random-weight model whose output
         is noise. `int8`: quantize the linear layers for a CPU (quantize.py). `int4`: on a CPU,
-        decode steps multiply weights stored 4-bit as they are (packed.py)."""
+        decode steps multiply weights stored 4-bit as they are, and a context multiplies their
+        float values in bfloat16 where the CPU does that in hardware (packed.py)."""
         device = device or default_device()
         dtype = dtype or default_dtype(device)
         if model_dir is None and not (BUNDLED_DIR / "config.json").exists():
@@ -118,7 +119,8 @@ class Engine:
             elif int8:
                 log.warning("int8 is for CPUs: the model runs in %s on %s", dtype, device)
             elif int4 and device == "cpu":
-                use_int4_kernels(loaded.model, loaded.packed)
+                context_dtype = torch.bfloat16 if native_bfloat16() else dtype
+                use_int4_kernels(loaded.model, loaded.packed, context_dtype)
             loaded.packed = {}  # the layers hold what they need: the parts need not live on (65 MB)
             return loaded
 

@@ -159,11 +159,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .config import Options
+    from .config import LIMITS, Options
     from .eval import humaneval
 
+    options = Options(int8=args.int8)
+    if args.time_budget_ms is not None:
+        low, high = LIMITS["time_budget_ms"]
+        if not low <= args.time_budget_ms <= high:
+            print(f"lacuna eval: --time-budget-ms must be between {low} and {high}", file=sys.stderr)
+            return 2
+        options.time_budget_ms = args.time_budget_ms
     result = humaneval.evaluate(args.mode, limit=args.limit, model_dir=args.model, device=args.device,
-                                options=Options(int8=args.int8))
+                                options=options)
     print(json.dumps(result) if args.json else humaneval.format_report(result))
     return 0
 
@@ -320,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--mode", choices=["single-line", "multi-line", "random-span"], default="single-line")
     evaluate.add_argument("--limit", type=int, help="the first N tasks (spread over the problems)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.add_argument("--time-budget-ms", type=int,
+                          help="the server's timeBudgetMs (default: its default): less context, answers cut sooner")
     _add_model_args(evaluate, INT8_HELP)
     evaluate.set_defaults(func=cmd_eval)
 

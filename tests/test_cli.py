@@ -1,4 +1,4 @@
-"""The command line: `lacuna complete`, `bench`, `demo` and `train`'s errors. The demo runs as the
+"""The command line: `lacuna complete`, `bench`, `eval`, `demo` and `train`'s errors. The demo runs as the
 installed command; the others call its `main` in this process (a new process costs seconds of
 imports)."""
 
@@ -56,6 +56,20 @@ def test_complete_bad_input(capsys, args, message):
     run = Run(capsys, "complete", DEMO, *args)
     assert run.returncode == 2
     assert message in run.stderr
+
+
+def test_eval_runs_with_the_time_budget_asked_for(capsys, constant_checkpoint):
+    run = Run(capsys, "eval", "humaneval-infill", "--limit", 1, "--json", "--time-budget-ms", 400,
+              "--model", constant_checkpoint)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["time_budget_ms"] == 400 and result["tasks"] == 1
+
+
+@pytest.mark.parametrize("budget", [0, 49, 60001])
+def test_eval_refuses_a_time_budget_out_of_bounds(capsys, budget):
+    run = Run(capsys, "eval", "humaneval-infill", "--time-budget-ms", budget)
+    assert run.returncode == 2 and "--time-budget-ms must be between 50 and 60000" in run.stderr
 
 
 @pytest.mark.slow  # the reference sampler at a 2048-token context: minutes on 2 CPU cores

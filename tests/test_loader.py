@@ -13,7 +13,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from engine.config import CheckpointError
 from engine.engine import Engine
 from engine.loader import byte_tokenizer, load_checkpoint, random_model, save_checkpoint
-from engine.packed import GROUP, Int4Linear, pack, unpack
+from engine.packed import GROUP, Int4Linear, native_bfloat16, pack, unpack
 from engine.quantize import quantize_int8
 
 
@@ -224,7 +224,11 @@ def test_a_4_bit_layer_multiplies_its_codes_as_its_float_weight_does():
         assert layer(x).shape == expected.shape
         assert torch.allclose(layer(x), expected, atol=0.05 * expected.abs().max().item())
     x = torch.randn(Int4Linear.MAX_ROWS + 1, 96)  # a context: the float weight
-    assert torch.equal(layer(x), torch.nn.functional.linear(x, weight, bias))
+    expected = torch.nn.functional.linear(x, weight, bias)
+    assert torch.equal(layer(x), expected)
+    in_bfloat16 = Int4Linear(weight, bias, parts, context_dtype=torch.bfloat16)
+    assert in_bfloat16.weight.dtype == torch.bfloat16 and in_bfloat16(x).dtype == torch.float32
+    assert torch.allclose(in_bfloat16(x), expected, atol=0.02 * expected.abs().max().item())
 
 
 def test_on_a_cpu_an_engine_decodes_with_4_bit_weights_as_they_are(tmp_path):
@@ -235,12 +239,14 @@ def test_on_a_cpu_an_engine_decodes_with_4_bit_weights_as_they_are(tmp_path):
         layers = [module for module in models[True].modules() if isinstance(module, Int4Linear)]
         assert len(layers) == 2 * 7 + 1  # every linear layer, and the head tied to the 4-bit embedding
         assert not any(isinstance(module, Int4Linear) for module in models[False].modules())
+        # A context multiplies in bfloat16 where the CPU does so in hardware.
+        assert {layer.weight.dtype for layer in layers} == {torch.bfloat16 if native_bfloat16() else torch.float32}
         ids = torch.randint(0, 300, (1, 40))
         hidden = {}
         for int4, model in models.items():
             with torch.no_grad():
                 cache = model.new_cache(1, 41)
-                model(ids, torch.arange(40)[None], cache, kv_len=40)  # the context: float weights
+                model(ids, torch.arange(40)[None], cache, kv_len=40)  # the context: the weights' float values
                 hidden[int4] = model.logits(model(ids[:, -1:], torch.tensor([[40]]), cache))  # a step
         assert torch.allclose(hidden[True], hidden[False], atol=0.05 * hidden[False].abs().max().item())
         assert engines[True].complete("def f(", "", 8)[0].token_ids  # it serves

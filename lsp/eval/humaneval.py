@@ -181,7 +181,8 @@ def evaluate(mode: str, *, limit: int | None = None, model_dir: str | None = Non
     programs = [f"{t.program(f, f.replace_suffix)}\n\n{t.test}\n\ncheck({t.entry_point})\n"
                 for t, f in zip(tasks, infills)]
     results = run_programs(programs, timeout, workers)
-    return {"model": model, "device": device_name, "sandbox": isolation()[1], **metrics(mode, tasks, infills, results)}
+    return {"model": model, "device": device_name, "sandbox": isolation()[1], "time_budget_ms": options.time_budget_ms,
+            **metrics(mode, tasks, infills, results)}
 
 
 def format_report(result: dict) -> str:
