@@ -26,7 +26,9 @@ ALTERNATIVES_TEMPERATURE = 0.8
 PREFIX_SHARE, SUFFIX_SHARE, SYNTAX_SHARE = 5 / 8, 1 / 4, 1 / 8
 PREFIX_PER_MASK = 8  # the prefix window is at most this many tokens per masked token the engine allows
 SUFFIX_TOKENS = SYNTAX_TOKENS = 256  # the most the suffix window and the syntax context get
-BUDGET_FOR_CONTEXT = 0.5  # the share of the time budget an infill's context may take
+# The share of the time budget an infill's context may take: on 2 CPU cores a quarter gave 26.3%
+# single-line pass@1 at a p50 of 459 ms, half 25.6% at 781 ms, an eighth 3 points less.
+BUDGET_FOR_CONTEXT = 0.25
 MIN_CONTEXT_TOKENS = 64  # however slow the engine, the context it gets
 
 
@@ -115,7 +117,7 @@ class Completer:
         suffix_tokens, syntax_tokens = SUFFIX_TOKENS, SYNTAX_TOKENS
         room = capacity.max_context - span.tokens - capacity.reserved_tokens if capacity.max_context else None
         if capacity.context_per_second:
-            # Only as much context as the engine gets through in half the time budget: a slow
+            # Only as much context as the engine gets through in its share of the time budget: a slow
             # device (a CPU with a real checkpoint) then suggests from less context, not nothing.
             seconds = self.options.time_budget_ms / 1000 * BUDGET_FOR_CONTEXT
             affordable = max(MIN_CONTEXT_TOKENS, int(capacity.context_per_second * seconds))

@@ -70,9 +70,9 @@ async def test_a_slow_engine_gets_the_context_it_reads_within_the_time_budget():
     doc = Document("file:///slow.py", text, "python")
     offset = text.index("def f():\n    ") + len("def f():\n    ")
     fast = Recorder(Capacity(max_tokens=64, max_context=32768, reserved_tokens=2, context_per_second=1e6))
-    slow = Recorder(Capacity(max_tokens=64, max_context=32768, reserved_tokens=2, context_per_second=200))
+    slow = Recorder(Capacity(max_tokens=64, max_context=32768, reserved_tokens=2, context_per_second=400))
     for engine in (fast, slow):
         await Completer(Options(time_budget_ms=1500), engine).complete(doc, offset, [doc])
-    # 200 tokens a second for half of 1.5 s: 150 tokens of context (at most about 3 characters each).
+    # 400 tokens a second for a quarter of 1.5 s: 150 tokens of context (at most about 3 characters each).
     slow_context = sum(map(len, slow.asked[0][:2]))
     assert slow_context <= 150 * 3 < sum(map(len, fast.asked[0][:2]))
