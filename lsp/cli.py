@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--limit", type=int, help="the first N tasks (spread over the problems)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.add_argument("--time-budget-ms", type=int,
-                          help="the server's timeBudgetMs (default: its default): less context, answers cut sooner")
+                          help="the server's timeBudgetMs (default: the server's): less context, answers cut sooner")
     _add_model_args(evaluate, INT8_HELP)
     evaluate.set_defaults(func=cmd_eval)
 
