@@ -61,6 +61,17 @@ log = logging.getLogger(__name__)
 SPEED_CONTEXT = 256  # context tokens of the start-up infill that measures the engine's speed
 
 
+def context_speed(tokens: float, long_runs: list[float], short_runs: list[float]) -> float:
+    """Context tokens per second from the times of runs that read `tokens` more context than
+    the short ones: the fastest of each, as a stall only ever adds time."""
+    long_run = min(long_runs)
+    # Stalled short runs can leave almost no difference, which would read as a context that
+    # costs nothing and let every request read the whole window: it is taken to cost at least
+    # a quarter of the long run (on a CPU it is more than half; on a GPU the bound still
+    # affords thousands of tokens in the default budget's share).
+    return tokens / max(long_run - min(short_runs), long_run / 4)
+
+
 class Engine:
     url = None  # in-process
     up = True
@@ -242,9 +253,9 @@ class Engine:
             self.submit_ids(context, [], min(4, self.max_tokens), options=options).result()
             return time.perf_counter() - start
 
-        # The fastest of two each: these machines are shared and one run can stall.
-        cost = min(seconds(1, room), seconds(3, room)) - min(seconds(2, short), seconds(4, short))
-        return (room - short) / max(cost, 1e-3)
+        # Three each, taking turns: these machines are shared and a run can stall.
+        times = [seconds(run, room if run % 2 else short) for run in range(1, 7)]
+        return context_speed(room - short, times[0::2], times[1::2])
 
     @property
     def pending(self) -> int:
