@@ -66,9 +66,15 @@ def rope_inv_freq(config: ModelConfig) -> Tensor:
     return inv_freq
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE in the Llama layout (halves of the head dimension paired); `sin` has its first half
+    negated, so the rotation is one roll (a third faster than slicing and concatenating)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean attention mask as the scores' 0 (attend) or -inf (not)."""
+    return None if mask is None else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
 
 
 class RMSNorm(nn.Module):
@@ -95,23 +101,31 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=config.o_bias)
         norm = (lambda: RMSNorm(self.head_dim, config.rms_norm_eps)) if config.qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()
+        # For inference, q, k and v can be one layer (packed.py fuses them): a step then makes one
+        # call where it made three.
+        self.qkv_proj: nn.Module | None = None
+        self.qkv_sizes = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
 
     def forward(self, x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal, rows):
         """Writes keys and values of all of `x` into the cache (without one, attends over them
         alone); queries only `rows` of `x` when given."""
         b, t, _ = x.shape
-        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        k = k * cos + rotate_half(k) * sin
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        k = self.k_norm(k.view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        k = rotary(k, cos, sin)
         if k_cache is not None:
             k_cache.scatter_(2, write_index, k)
             v_cache.scatter_(2, write_index, v)
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
         if rows is not None:
-            x, cos, sin = x[:, rows], cos[:, :, rows], sin[:, :, rows]
-        r = x.shape[1]
-        q = self.q_norm(self.q_proj(x).view(b, r, self.heads, self.head_dim)).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
+            q, cos, sin = q[:, rows], cos[:, :, rows], sin[:, :, rows]
+        r = q.shape[1]
+        q = self.q_norm(q.view(b, r, self.heads, self.head_dim)).transpose(1, 2)
+        q = rotary(q, cos, sin)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.heads != self.kv_heads,
         )
@@ -124,9 +138,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up as one layer, as qkv_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -175,8 +194,8 @@ class Transformer(nn.Module):
         """
         x = self.model.embed_tokens(tokens)
         freqs = positions[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos = torch.cat((freqs, freqs), dim=-1)[:, None].cos().to(x.dtype)
+        sin = torch.cat((-freqs, freqs), dim=-1)[:, None].sin().to(x.dtype)  # see rotary
         b, t = tokens.shape
         write_index = positions[:, None, :, None].expand(b, self.config.num_kv_heads, t, self.config.head_dim)
         kv_len = kv_len or (cache.slots if cache is not None else t)
@@ -190,6 +209,8 @@ class Transformer(nn.Module):
             seen = keys <= positions[:, None, :, None]
             attn_mask, causal = seen if attn_mask is None else seen & attn_mask, False
             last_mask, last_causal = attn_mask if rows is None else attn_mask[:, :, rows], False
+        # Attention turns a boolean mask into an additive one in every layer: once here instead.
+        attn_mask, last_mask = additive(attn_mask, x.dtype), additive(last_mask, x.dtype)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.model.layers, layer_caches)):
             if i == last:
                 attn_mask, causal = last_mask, last_causal

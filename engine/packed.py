@@ -124,12 +124,35 @@ class Int4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+# Layers a block's input feeds side by side, which one 4-bit layer computes at once (in the
+# order of the fused layer's output columns).
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
 def use_int4_kernels(model: Transformer, packed: dict[str, dict[str, Tensor]],
                      context_dtype: torch.dtype = torch.float32) -> None:
     """Swap each linear layer of `model` whose weight was stored 4-bit for an `Int4Linear`, in
-    place (a head tied to a 4-bit embedding too)."""
+    place (a head tied to a 4-bit embedding too); the layers of each `FUSED` group become one.
+    A step of the bundled model on 2 cores makes 121 calls instead of 211."""
     if model.config.tie_embeddings and "model.embed_tokens.weight" in packed:
         packed = {**packed, "lm_head.weight": packed["model.embed_tokens.weight"]}
+    for i, block in enumerate(model.model.layers):
+        for fused, members in FUSED.items():
+            names = [f"model.layers.{i}.{member}" for member in members]
+            linears = [block.get_submodule(member) for member in members]
+            if all(name + ".weight" in packed and Int4Linear.fits(linear.weight)
+                   for name, linear in zip(names, linears)):
+                parts = {suffix: torch.cat([packed[name + ".weight"][suffix] for name in names])
+                         for suffix in SUFFIXES}
+                biases = [linear.bias for linear in linears]
+                layer = Int4Linear(torch.cat([linear.weight for linear in linears]),
+                                   None if biases[0] is None else torch.cat(biases), parts, context_dtype)
+                parent, _, attribute = fused.rpartition(".")
+                setattr(block.get_submodule(parent), attribute, layer)
+                for member in members:
+                    parent, _, attribute = member.rpartition(".")
+                    delattr(block.get_submodule(parent), attribute)
     for name, module in list(model.named_modules()):
         parts = packed.get(name + ".weight")
         if isinstance(module, nn.Linear) and parts is not None and Int4Linear.fits(module.weight):

@@ -237,7 +237,11 @@ def test_on_a_cpu_an_engine_decodes_with_4_bit_weights_as_they_are(tmp_path):
     try:
         models = {int4: engine.loaded.model for int4, engine in engines.items()}
         layers = [module for module in models[True].modules() if isinstance(module, Int4Linear)]
-        assert len(layers) == 2 * 7 + 1  # every linear layer, and the head tied to the 4-bit embedding
+        # Every linear layer, q, k and v as one and gate and up as one, and the head tied to the
+        # 4-bit embedding.
+        assert len(layers) == 2 * 4 + 1
+        attention = models[True].model.layers[0].self_attn
+        assert attention.qkv_proj is not None and not hasattr(attention, "q_proj")
         assert not any(isinstance(module, Int4Linear) for module in models[False].modules())
         # A context multiplies in bfloat16 where the CPU does so in hardware.
         assert {layer.weight.dtype for layer in layers} == {torch.bfloat16 if native_bfloat16() else torch.float32}
