@@ -17,6 +17,10 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 
+# A forward of more rows than this is a context (a decode step feeds a few): on a CPU it can
+# compute in a faster dtype (Transformer.context_dtype) and multiply float weights (packed.py).
+CONTEXT_ROWS = 16
+
 
 class KVCache:
     """Per-layer keys and values, shape (batch, kv_heads, slots, head_dim)."""
@@ -85,7 +89,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # torch's own op (in float32 inside): one call where the spelled-out norm made seven.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
 class Attention(nn.Module):
@@ -116,9 +120,9 @@ class Attention(nn.Module):
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         k = rotary(k, cos, sin)
         if k_cache is not None:
-            k_cache.scatter_(2, write_index, k)
-            v_cache.scatter_(2, write_index, v)
-            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
+            k_cache.scatter_(2, write_index, k.to(k_cache.dtype))
+            v_cache.scatter_(2, write_index, v.to(v_cache.dtype))
+            k, v = k_cache[:, :, :kv_len].to(x.dtype), v_cache[:, :, :kv_len].to(x.dtype)
         if rows is not None:
             q, cos, sin = q[:, rows], cos[:, :, rows], sin[:, :, rows]
         r = q.shape[1]
@@ -178,6 +182,9 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # The activations' dtype in a context's forward, where it differs from the weights' (bf16
+        # on a CPU that multiplies it in hardware: packed.py); its keys are cached in `dtype`.
+        self.context_dtype: torch.dtype | None = None
 
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache | None, *, rows: Tensor | None = None,
                 kv_len: int | None = None, attn_mask: Tensor | None = None, causal: bool = False) -> Tensor:
@@ -191,6 +198,8 @@ class Transformer(nn.Module):
         are still written, and the last layer's queries and MLP run on `rows` alone.
         """
         x = self.model.embed_tokens(tokens)
+        if self.context_dtype is not None and tokens.numel() > CONTEXT_ROWS:
+            x = x.to(self.context_dtype)
         freqs = positions[..., None].float() * self.inv_freq
         cos = torch.cat((freqs, freqs), dim=-1)[:, None].cos().to(x.dtype)
         sin = torch.cat((-freqs, freqs), dim=-1)[:, None].sin().to(x.dtype)  # see rotary
@@ -214,7 +223,7 @@ class Transformer(nn.Module):
                 attn_mask, causal = last_mask, last_causal
             x = layer(x, cos, sin, k_cache, v_cache, write_index, kv_len, attn_mask, causal,
                       rows if i == last else None)
-        return self.model.norm(x)
+        return self.model.norm(x).to(self.dtype)
 
     @property
     def device(self) -> torch.device:

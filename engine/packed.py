@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import CheckpointError
-from .model import Transformer
+from .model import CONTEXT_ROWS, Transformer
 
 GROUP = 32
 SUFFIXES = (".q4", ".d", ".d_step", ".zero")  # codes (two a byte), steps, step per row, zero points
@@ -93,8 +93,6 @@ class Int4Linear(nn.Module):
     of 64 to 256 rows takes a third to two fifths of its fp32 time in bfloat16.
     """
 
-    MAX_ROWS = 16
-
     def __init__(self, weight: Tensor, bias: Tensor | None, parts: dict[str, Tensor],
                  context_dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -114,14 +112,14 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows > self.MAX_ROWS:
+        if rows > CONTEXT_ROWS:
             out = F.linear(x.to(self.weight.dtype), self.weight)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x.reshape(rows, -1).bfloat16(), self.codes, GROUP, self.scales_and_zeros)
             out = out.reshape(*x.shape[:-1], -1)
         out = out.to(x.dtype)
-        return out if self.bias is None else out + self.bias
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
 # Layers a block's input feeds side by side, which one 4-bit layer computes at once (in the
@@ -159,3 +157,7 @@ def use_int4_kernels(model: Transformer, packed: dict[str, dict[str, Tensor]],
             parent, _, attribute = name.rpartition(".")
             layer = Int4Linear(module.weight, module.bias, parts, context_dtype)
             setattr(model.get_submodule(parent), attribute, layer)
+    # A context's activations then take the faster dtype too, unless a float layer is left that
+    # would get them in the wrong one.
+    if not any(isinstance(module, nn.Linear) for module in model.modules()):
+        model.context_dtype = context_dtype

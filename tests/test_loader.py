@@ -13,6 +13,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from engine.config import CheckpointError
 from engine.engine import Engine
 from engine.loader import byte_tokenizer, load_checkpoint, random_model, save_checkpoint
+from engine.model import CONTEXT_ROWS
 from engine.packed import GROUP, Int4Linear, native_bfloat16, pack, unpack
 from engine.quantize import quantize_int8
 
@@ -218,12 +219,12 @@ def test_a_4_bit_layer_multiplies_its_codes_as_its_float_weight_does():
     parts = pack(torch.randn(48, 96))
     weight, bias = torch.nn.Parameter(unpack(parts)), torch.nn.Parameter(torch.randn(48))
     layer = Int4Linear(weight, bias, parts)
-    for shape in ((1, 96), (1, 3, 96), (Int4Linear.MAX_ROWS, 96)):  # the kernel, in bfloat16 activations
+    for shape in ((1, 96), (1, 3, 96), (CONTEXT_ROWS, 96)):  # the kernel, in bfloat16 activations
         x = torch.randn(shape)
         expected = torch.nn.functional.linear(x, weight, bias)
         assert layer(x).shape == expected.shape
         assert torch.allclose(layer(x), expected, atol=0.05 * expected.abs().max().item())
-    x = torch.randn(Int4Linear.MAX_ROWS + 1, 96)  # a context: the float weight
+    x = torch.randn(CONTEXT_ROWS + 1, 96)  # a context: the float weight
     expected = torch.nn.functional.linear(x, weight, bias)
     assert torch.equal(layer(x), expected)
     in_bfloat16 = Int4Linear(weight, bias, parts, context_dtype=torch.bfloat16)
