@@ -245,7 +245,9 @@ def test_on_a_cpu_an_engine_decodes_with_4_bit_weights_as_they_are(tmp_path):
         assert attention.qkv_proj is not None and not hasattr(attention, "q_proj")
         assert not any(isinstance(module, Int4Linear) for module in models[False].modules())
         # A context multiplies in bfloat16 where the CPU does so in hardware.
-        assert {layer.weight.dtype for layer in layers} == {torch.bfloat16 if native_bfloat16() else torch.float32}
+        context_dtype = torch.bfloat16 if native_bfloat16() else torch.float32
+        assert {layer.weight.dtype for layer in layers} == {context_dtype}
+        assert models[True].context_dtype == context_dtype  # its activations too; its keys stay float32
         ids = torch.randint(0, 300, (1, 40))
         hidden = {}
         for int4, model in models.items():
