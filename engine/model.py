@@ -78,7 +78,9 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A boolean attention mask as the scores' 0 (attend) or -inf (not)."""
-    return None if mask is None else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
 
 
 class RMSNorm(nn.Module):
