@@ -146,7 +146,7 @@ def use_int4_kernels(model: Transformer, packed: dict[str, dict[str, Tensor]],
                 biases = [linear.bias for linear in linears]
                 layer = Int4Linear(torch.cat([linear.weight for linear in linears]),
                                    None if biases[0] is None else torch.cat(biases), parts, context_dtype)
-                parent, _, attribute = fused.rpartition(".")
+                parent, _, attribute = fused.rpartition(".")  # an attribute that was None: not set_submodule
                 setattr(block.get_submodule(parent), attribute, layer)
                 for member in members:
                     parent, _, attribute = member.rpartition(".")
@@ -154,9 +154,7 @@ def use_int4_kernels(model: Transformer, packed: dict[str, dict[str, Tensor]],
     for name, module in list(model.named_modules()):
         parts = packed.get(name + ".weight")
         if isinstance(module, nn.Linear) and parts is not None and Int4Linear.fits(module.weight):
-            parent, _, attribute = name.rpartition(".")
-            layer = Int4Linear(module.weight, module.bias, parts, context_dtype)
-            setattr(model.get_submodule(parent), attribute, layer)
+            model.set_submodule(name, Int4Linear(module.weight, module.bias, parts, context_dtype))
     # A context's activations then take the faster dtype too, unless a float layer is left that
     # would get them in the wrong one.
     if not any(isinstance(module, nn.Linear) for module in model.modules()):
