@@ -44,6 +44,10 @@ class DecodeOptions:
     # followed the latest earlier occurrence of its last tokens) and keeps those the model agrees
     # with: the same infill in fewer steps (0: one token a step).
     lookup: int = 2
+    # A causal model's completions carry `score`, the log-likelihood of the infill and of this many
+    # suffix tokens after it: how well each fits the code after the cursor, which such a model
+    # never reads while decoding (0: no score).
+    score_suffix: int = 0
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -64,6 +68,8 @@ class DecodeOptions:
             raise ValueError("min_tokens must be >= 0")
         if self.lookup < 0:
             raise ValueError("lookup must be >= 0")
+        if self.score_suffix < 0:
+            raise ValueError("score_suffix must be >= 0")
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Completion:
     steps: int
     finish_reason: str  # "stop": the model ended it; "length": all N tokens; "budget": time ran out
     context_tokens: int = 0  # prefix and suffix tokens the model saw (after trimming), with BOS/EOS
+    score: float | None = None  # with DecodeOptions.score_suffix: log p(infill, suffix | prefix)
 
 
 @dataclass(frozen=True)

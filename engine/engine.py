@@ -197,7 +197,12 @@ class Engine:
         denoiser = Denoiser(layout, n, options, self.special, device=self.device, generator=generator,
                             first_tokens=first, line_breaks=breaks, causal=family.causal)
         deadline = time.monotonic() + time_budget if time_budget is not None else None
-        request = Request(next(self._ids), denoiser, n, deadline, healed)
+        scored_suffix = None
+        # From the context's cached keys (none without the cache), within the model's positions.
+        if options.score_suffix and family.causal and options.use_cache:
+            room = self.config.max_position_embeddings - layout.end
+            scored_suffix = suffix[:min(options.score_suffix, room)]
+        request = Request(next(self._ids), denoiser, n, deadline, healed, scored_suffix)
         self.scheduler.add(request)
         return request
 
@@ -312,11 +317,17 @@ class Engine:
 
     def _resolve(self, request: Request, partial: bool = False, error: Exception | None = None) -> None:
         """Set the request's answer (its completions, or `error`) and drop its context cache."""
-        self.runner.forget(request.id)
         if error is None:
             den = request.denoiser
+            rows = den.result_rows(partial=partial)
+            scores = [None] * len(rows)
+            if request.scored_suffix is not None and not partial:  # out of time: no more forwards
+                try:
+                    scores = self.runner.score(request, [ids for ids, _ in rows], request.scored_suffix)
+                except Exception as err:  # e.g. out of memory: the completions stand unscored
+                    log.warning("scoring the completions failed: %s", err)
             completions = []
-            for ids, conf in den.result_rows(partial=partial):
+            for (ids, conf), score in zip(rows, scores):
                 if partial:
                     reason = "budget"
                 else:
@@ -324,7 +335,8 @@ class Engine:
                 text = self.tokenizer.decode(ids, skip_special_tokens=False)
                 text = text[len(request.healed):] if text.startswith(request.healed) else text
                 context = den.x.shape[1] - (den.end - den.start)
-                completions.append(Completion(text, ids, conf, den.steps, reason, context))
+                completions.append(Completion(text, ids, conf, den.steps, reason, context, score))
+        self.runner.forget(request.id)
         try:
             if error is not None:
                 request.future.set_exception(error)

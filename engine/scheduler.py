@@ -16,9 +16,11 @@ from .sampler import Denoiser
 class Request:
     """A submitted infill: `future` resolves to a list of n Completions."""
 
-    def __init__(self, request_id: int, denoiser: Denoiser, n: int, deadline: float | None, healed: str = ""):
+    def __init__(self, request_id: int, denoiser: Denoiser, n: int, deadline: float | None, healed: str = "",
+                 scored_suffix: list[int] | None = None):
         self.id = request_id
         self.healed = healed  # text the prefix gave back to the infill's first token (token healing)
+        self.scored_suffix = scored_suffix  # suffix tokens each completion's score covers; None: no score
         self.denoiser = denoiser
         self.n = n
         self.deadline = deadline

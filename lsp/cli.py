@@ -163,12 +163,14 @@ def cmd_eval(args) -> int:
     from .eval import humaneval
 
     options = Options(int8=args.int8)
-    if args.time_budget_ms is not None:
-        low, high = LIMITS["time_budget_ms"]
-        if not low <= args.time_budget_ms <= high:
-            print(f"lacuna eval: --time-budget-ms must be between {low} and {high}", file=sys.stderr)
-            return 2
-        options.time_budget_ms = args.time_budget_ms
+    for name in ("time_budget_ms", "candidates"):
+        value = getattr(args, name)
+        if value is not None:
+            low, high = LIMITS[name]
+            if not low <= value <= high:
+                print(f"lacuna eval: --{name.replace('_', '-')} must be between {low} and {high}", file=sys.stderr)
+                return 2
+            setattr(options, name, value)
     result = humaneval.evaluate(args.mode, limit=args.limit, model_dir=args.model, device=args.device,
                                 options=options)
     print(json.dumps(result) if args.json else humaneval.format_report(result))
@@ -329,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.add_argument("--time-budget-ms", type=int,
                           help="the server's timeBudgetMs (default: the server's): less context, answers cut sooner")
+    evaluate.add_argument("--candidates", type=int, help="the server's candidates (default: the server's); "
+                          "of several, the one that fits the suffix best is scored")
     _add_model_args(evaluate, INT8_HELP)
     evaluate.set_defaults(func=cmd_eval)
 

@@ -7,6 +7,7 @@ in a small LRU; a new request for a document cancels the one still in flight for
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -21,6 +22,9 @@ from .span import Span, plan_span
 
 CACHE_SIZE = 64
 ALTERNATIVES_TEMPERATURE = 0.8
+# Candidates are ranked by how likely the model finds each followed by this many suffix tokens (a
+# causal model never reads the suffix otherwise): InCoder's left-to-right reranking.
+SCORED_SUFFIX_TOKENS = 32
 # How the model's positions left after the span are shared: the prefix window gets most, as the
 # code before the cursor says most about what comes next; the syntax context gets the least.
 PREFIX_SHARE, SUFFIX_SHARE, SYNTAX_SHARE = 5 / 8, 1 / 4, 1 / 8
@@ -166,7 +170,8 @@ class Completer:
         ask = dict(prefix=prefix, suffix=suffix, n_tokens=min(span.tokens, engine.capacity.max_tokens),
                    time_budget=self.options.time_budget_ms / 1000)
         # An empty infill is no suggestion: the span rules already decided one is wanted here.
-        options = DecodeOptions(min_tokens=1, single_line=not span.multiline)
+        options = DecodeOptions(min_tokens=1, single_line=not span.multiline,
+                                score_suffix=SCORED_SUFFIX_TOKENS if n > 1 else 0)
         parts = [engine.infill(**ask, n=1, options=options)]
         if n > 1:
             parts.append(engine.infill(**ask, n=n - 1, options=replace(
@@ -184,4 +189,6 @@ class Completer:
             if self.in_flight.get(uri) is work:
                 del self.in_flight[uri]
         self.last_latency_ms = self.last_timing["engineMs"] = (time.perf_counter() - start) * 1000
+        # The most likely first (the greedy one where none is scored: sorting is stable), unscored last.
+        completions.sort(key=lambda c: -c.score if c.score is not None else math.inf)
         return [c.text for c in completions]

@@ -2,7 +2,7 @@
 an `InfillEngine` within the capacity it reports."""
 
 from engine.api import Capacity, Completion, DecodeOptions
-from lsp.completer import Completer
+from lsp.completer import SCORED_SUFFIX_TOKENS, Completer
 from lsp.config import Options
 from lsp.document import Document
 from lsp.items import ACCEPTED, LABEL_CHARS, completion_items, inline_items, word_start
@@ -76,3 +76,27 @@ async def test_a_slow_engine_gets_the_context_it_reads_within_the_time_budget():
     # 400 tokens a second for a quarter of 1.5 s: 150 tokens of context (at most about 3 characters each).
     slow_context = sum(map(len, slow.asked[0][:2]))
     assert slow_context <= 150 * 3 < sum(map(len, fast.asked[0][:2]))
+
+
+class Scored(Recorder):
+    """Answers the greedy request with one scored candidate and the sampled one with a likelier
+    and an unscored one."""
+
+    async def infill(self, prefix, suffix, n_tokens, *, n=1, options=DecodeOptions(), time_budget=None):
+        self.asked.append(options)
+        if options.temperature == 0:
+            return [Completion("total", [], [], 1, "stop", score=-9.0)]
+        return [Completion("total / len(xs)", [], [], 1, "stop", score=-4.0),
+                Completion("None", [], [], 1, "budget")][:n]
+
+
+async def test_candidates_come_most_likely_with_the_suffix_first():
+    doc = Document("file:///mean.py", "def mean(xs):\n    return \n\nprint(mean([1, 2]))\n", "python")
+    offset = doc.text.index("return ") + len("return ")
+    engine = Scored(Capacity(max_tokens=64, max_context=None, reserved_tokens=0))
+    found = await Completer(Options(candidates=3), engine).complete(doc, offset, [doc])
+    assert [c.text for c in found] == ["total / len(xs)", "total", "None"]
+    assert [options.score_suffix for options in engine.asked] == [SCORED_SUFFIX_TOKENS] * 2
+    alone = Scored(engine.capacity)
+    assert [c.text for c in await Completer(Options(), alone).complete(doc, offset, [doc])] == ["total"]
+    assert alone.asked[0].score_suffix == 0  # one candidate: nothing to rank, no forwards spent on it

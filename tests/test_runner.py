@@ -91,6 +91,30 @@ def test_a_causal_model_decodes_as_transformers_generates_whatever_the_suffix():
     assert all(c.steps == 12 for answer in answers for c in answer)  # one token a step
 
 
+def test_a_causal_models_candidates_are_scored_by_their_likelihood_followed_by_the_suffix():
+    """Each candidate's score is transformers' log-likelihood of its infill and then the first
+    `score_suffix` suffix tokens after the prefix; without the option there is no score."""
+    loaded = random_model(CAUSAL, dtype=torch.float64, seed=5)
+    hf_config = LlamaConfig(**{k: v for k, v in CAUSAL.to_hf().items() if k != "model_type"})
+    hf = LlamaForCausalLM._from_config(hf_config, dtype=torch.float64).eval()
+    hf.load_state_dict(loaded.model.state_dict(), strict=False)
+    engine = Engine(loaded, warmup=False)
+    try:
+        ids, suffix = engine.encode(PREFIX), engine.encode(SUFFIX)
+        options = DecodeOptions(temperature=1.0, seed=2, score_suffix=5)
+        scored = engine.submit_ids(ids, suffix, 8, n=3, options=options).result()
+        unscored, = engine.submit_ids(ids, suffix, 8).result()
+    finally:
+        engine.close()
+    assert len({tuple(c.token_ids) for c in scored}) > 1
+    for completion in scored:
+        tokens = torch.tensor([[loaded.special.bos] + ids + completion.token_ids + suffix[:5]])
+        with torch.no_grad():
+            log_probs = hf(tokens).logits[0, :-1].log_softmax(-1).gather(-1, tokens[0, 1:, None])[:, 0]
+        assert completion.score == pytest.approx(log_probs[len(ids):].sum().item(), rel=1e-6)
+    assert unscored.score is None
+
+
 def test_a_causal_model_reuses_the_keys_of_a_context_typed_on():
     """Keys of a causal model's context depend on nothing after them: a request whose context starts
     as the last one's (the same file, typed on) feeds only the rest, and gets the same answer."""
