@@ -130,26 +130,28 @@ class StepRunner:
 
     @torch.inference_mode()
     def score(self, request: Request, middles: list[list[int]], suffix: list[int]) -> list[float]:
-        """A causal model's log-likelihood of each candidate row's `middles` and then `suffix` after
-        `request`'s context, from its cached keys (so before `forget`): one forward of all rows."""
+        """A causal model's log-likelihood of each of `middles` and then `suffix` after `request`'s
+        context, from its cached keys (so before `forget`): one forward of the distinct ones."""
         den, context = request.denoiser, self.contexts[request.id]
         last = den.start - 1  # the context's last token, which predicts the middle's first
-        targets = [middle + suffix for middle in middles]
-        width = max(map(len, targets))
+        # Sampled candidates often repeat; every row's context is the same.
+        targets = list(dict.fromkeys(tuple(middle + suffix) for middle in middles))
+        rows, width = len(targets), max(map(len, targets))
         if not width:
             return [0.0] * len(middles)  # nothing to predict: certain
-        rows = len(middles)
         cache = self.model.new_cache(rows, last + width)
         for dst, src in zip(cache.k + cache.v, context.cache.k + context.cache.v):
-            dst[:, :, :last] = src[:rows, :, :last]
+            dst[:, :, :last] = src[:1, :, :last]
         # Shorter rows are padded at the end, where nothing is scored and no real token looks.
-        padded = torch.tensor([row + [0] * (width - len(row)) for row in targets], device=self.device)
-        fed = torch.cat((den.x[:rows, last:last + 1], padded[:, :-1]), dim=1)
+        padded = torch.tensor([row + (0,) * (width - len(row)) for row in targets], device=self.device)
+        fed = torch.cat((den.x[:1, last:last + 1].expand(rows, 1), padded[:, :-1]), dim=1)
         positions = torch.arange(last, last + width, device=self.device).expand(rows, -1)
         log_probs = self.model.logits(self.model(fed, positions, cache, causal=True)).log_softmax(-1)
         scored = torch.arange(width, device=self.device) < torch.tensor([len(row) for row in targets],
                                                                          device=self.device)[:, None]
-        return torch.where(scored, log_probs.gather(-1, padded[..., None])[..., 0], 0).sum(-1).tolist()
+        sums = torch.where(scored, log_probs.gather(-1, padded[..., None])[..., 0], 0).sum(-1).tolist()
+        by_target = dict(zip(targets, sums))
+        return [by_target[tuple(middle + suffix)] for middle in middles]
 
     def _reused_tokens(self, request: Request) -> int:
         """How many leading context tokens `request` shares with the last finished causal context

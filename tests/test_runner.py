@@ -102,12 +102,13 @@ def test_a_causal_models_candidates_are_scored_by_their_likelihood_followed_by_t
     try:
         ids, suffix = engine.encode(PREFIX), engine.encode(SUFFIX)
         options = DecodeOptions(temperature=1.0, seed=2, score_suffix=5)
-        scored = engine.submit_ids(ids, suffix, 8, n=3, options=options).result()
+        sampled = engine.submit_ids(ids, suffix, 8, n=3, options=options).result()
+        greedy = engine.submit_ids(ids, suffix, 8, n=2, options=DecodeOptions(score_suffix=5)).result()  # the same two
         unscored, = engine.submit_ids(ids, suffix, 8).result()
     finally:
         engine.close()
-    assert len({tuple(c.token_ids) for c in scored}) > 1
-    for completion in scored:
+    assert len({tuple(c.token_ids) for c in sampled}) > 1
+    for completion in sampled + greedy:
         tokens = torch.tensor([[loaded.special.bos] + ids + completion.token_ids + suffix[:5]])
         with torch.no_grad():
             log_probs = hf(tokens).logits[0, :-1].log_softmax(-1).gather(-1, tokens[0, 1:, None])[:, 0]
