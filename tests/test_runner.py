@@ -69,13 +69,19 @@ def test_logit_shift_per_family_against_transformers(checkpoints, family):
         assert completion.token_ids == [expected]
 
 
-def test_a_causal_model_decodes_as_transformers_generates_whatever_the_suffix():
-    """An autoregressive Llama run causally (the bundled model's family): every candidate's infill
-    is transformers' greedy continuation of the prefix, with or without a suffix."""
+def causal_and_transformers():
+    """A tiny random causal model, and the same weights in transformers' Llama."""
     loaded = random_model(CAUSAL, dtype=torch.float64, seed=5)
     hf_config = LlamaConfig(**{k: v for k, v in CAUSAL.to_hf().items() if k != "model_type"})
     hf = LlamaForCausalLM._from_config(hf_config, dtype=torch.float64).eval()
     hf.load_state_dict(loaded.model.state_dict(), strict=False)
+    return loaded, hf
+
+
+def test_a_causal_model_decodes_as_transformers_generates_whatever_the_suffix():
+    """An autoregressive Llama run causally (the bundled model's family): every candidate's infill
+    is transformers' greedy continuation of the prefix, with or without a suffix."""
+    loaded, hf = causal_and_transformers()
     engine = Engine(loaded, warmup=False)
     try:
         ids = engine.encode(PREFIX)
@@ -94,10 +100,7 @@ def test_a_causal_model_decodes_as_transformers_generates_whatever_the_suffix():
 def test_a_causal_models_candidates_are_scored_by_their_likelihood_followed_by_the_suffix():
     """Each candidate's score is transformers' log-likelihood of its infill and then the first
     `score_suffix` suffix tokens after the prefix; without the option there is no score."""
-    loaded = random_model(CAUSAL, dtype=torch.float64, seed=5)
-    hf_config = LlamaConfig(**{k: v for k, v in CAUSAL.to_hf().items() if k != "model_type"})
-    hf = LlamaForCausalLM._from_config(hf_config, dtype=torch.float64).eval()
-    hf.load_state_dict(loaded.model.state_dict(), strict=False)
+    loaded, hf = causal_and_transformers()
     engine = Engine(loaded, warmup=False)
     try:
         ids, suffix = engine.encode(PREFIX), engine.encode(SUFFIX)
