@@ -142,15 +142,13 @@ class StepRunner:
         cache = self.model.new_cache(rows, last + width)
         for dst, src in zip(cache.k + cache.v, context.cache.k + context.cache.v):
             dst[:, :, :last] = src[:1, :, :last]
-        # Shorter rows are padded at the end, where nothing is scored and no real token looks.
-        padded = torch.tensor([row + (0,) * (width - len(row)) for row in targets], device=self.device)
-        fed = torch.cat((den.x[:1, last:last + 1].expand(rows, 1), padded[:, :-1]), dim=1)
+        # Shorter rows are padded at the end (-1: not scored), where no real token looks.
+        padded = torch.tensor([row + (-1,) * (width - len(row)) for row in targets], device=self.device)
+        fed = torch.cat((den.x[:1, last:last + 1].expand(rows, 1), padded[:, :-1].clamp_min(0)), dim=1)
         positions = torch.arange(last, last + width, device=self.device).expand(rows, -1)
-        log_probs = self.model.logits(self.model(fed, positions, cache, causal=True)).log_softmax(-1)
-        scored = torch.arange(width, device=self.device) < torch.tensor([len(row) for row in targets],
-                                                                         device=self.device)[:, None]
-        sums = torch.where(scored, log_probs.gather(-1, padded[..., None])[..., 0], 0).sum(-1).tolist()
-        by_target = dict(zip(targets, sums))
+        logits = self.model.logits(self.model(fed, positions, cache, causal=True))
+        losses = F.cross_entropy(logits.transpose(1, 2), padded, ignore_index=-1, reduction="none")
+        by_target = dict(zip(targets, (-losses.sum(-1)).tolist()))
         return [by_target[tuple(middle + suffix)] for middle in middles]
 
     def _reused_tokens(self, request: Request) -> int:
