@@ -95,7 +95,8 @@ class StepRunner:
         return failed
 
     def _encode_step(self, batch: list[Request]) -> list[tuple[Request, Tensor, Tensor]]:
-        """A full forward over each request's whole sequence, filling its context cache."""
+        """A full forward over each request's whole sequence (a causal model's up to the middle),
+        filling its context cache."""
         # Candidates share one encoding until their middles differ.
         rows = [r.denoiser.x[:1] if r.denoiser.steps == 0 else r.denoiser.x for r in batch]
         longest = max(x.shape[1] for x in rows)
@@ -110,7 +111,10 @@ class StepRunner:
         cache = self.model.new_cache(tokens.shape[0], longest)
         columns = [r.denoiser.columns_to_predict() for r in batch]
         wanted, picks = _union([r.denoiser.start - self.shift + c for r, c in zip(batch, columns)])
-        hidden = self.model(tokens, positions, cache, rows=wanted,
+        # A causal model's keys after the positions it predicts from are never read before those
+        # positions are decoded (and fed): the masks and the suffix are not fed at all.
+        fed = int(wanted.max()) + 1 if self.causal else longest
+        hidden = self.model(tokens[:, :fed], positions[:, :fed], cache, rows=wanted,
                             attn_mask=key_mask[:, None, None] if padded else None, causal=self.causal)
         results, offset = [], 0
         for request, x, own_columns, pick in zip(batch, rows, columns, picks):

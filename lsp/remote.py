@@ -40,6 +40,7 @@ class RemoteEngine:
         # endpoint trims what is over).
         self.capacity = Capacity(Limits().max_tokens, None, 0)
         self._described = False
+        self.lacuna = False  # whether /health says it is `lacuna engine`, which takes Lacuna's fields
         key = os.environ.get(API_KEY_ENV)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(60.0, connect=2.0))
@@ -55,6 +56,8 @@ class RemoteEngine:
                 "temperature": options.temperature, "top_p": options.top_p}
         if options.single_line:
             body["stop"] = ["\n"]
+        if self.lacuna:  # fields other FIM APIs may refuse
+            body |= {"min_tokens": options.min_tokens, "score_suffix": options.score_suffix, "seed": options.seed}
         if self.model:
             body["model"] = self.model
         try:
@@ -66,7 +69,8 @@ class RemoteEngine:
             raise EngineError(f"the engine at {self.url} answered {response.status_code}: {response.text[:200]}")
         answer = response.json()
         steps = (answer.get("lacuna") or {}).get("steps", 0)
-        return [Completion(c.get("text", ""), [], [], steps, c.get("finish_reason") or "stop")
+        return [Completion(c.get("text", ""), [], [], steps, c.get("finish_reason") or "stop",
+                           score=c["score"] if isinstance(c.get("score"), (int, float)) else None)
                 for c in sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))]
 
     async def describe(self) -> None:
@@ -81,6 +85,7 @@ class RemoteEngine:
             return
         self.device = health.get("device")
         if isinstance(health.get("max_tokens"), int):
+            self.lacuna = True
             speed = health.get("context_per_second")
             self.capacity = Capacity(health["max_tokens"], health.get("max_context"),
                                      health.get("reserved_tokens") or 0,

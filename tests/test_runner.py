@@ -80,15 +80,19 @@ def causal_and_transformers():
 
 def test_a_causal_model_decodes_as_transformers_generates_whatever_the_suffix():
     """An autoregressive Llama run causally (the bundled model's family): every candidate's infill
-    is transformers' greedy continuation of the prefix, with or without a suffix."""
+    is transformers' greedy continuation of the prefix, with or without a suffix, which is not even
+    fed (nor are the masks)."""
     loaded, hf = causal_and_transformers()
     engine = Engine(loaded, warmup=False)
+    fed = []
+    loaded.model.register_forward_hook(lambda module, args, output: fed.append(args[0].shape[1]))
     try:
         ids = engine.encode(PREFIX)
         answers = [engine.submit_ids(ids, engine.encode(suffix), 12, n=2, options=DecodeOptions(min_tokens=12)).result()
                    for suffix in (SUFFIX, "")]
     finally:
         engine.close()
+    assert fed[0] == 1 + len(ids)  # BOS and the prefix
     special = loaded.special
     generated = hf.generate(torch.tensor([[special.bos] + ids]), max_new_tokens=12, min_new_tokens=12,
                             do_sample=False, suppress_tokens=[special.mask], eos_token_id=special.eos,

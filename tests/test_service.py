@@ -14,9 +14,10 @@ import pytest
 import torch
 import uvicorn
 from lsprotocol import types
+from test_runner import CAUSAL
 from test_server import command, inline, open_doc, start, stop
 
-from engine.api import EngineError, Limits
+from engine.api import DecodeOptions, EngineError, Limits
 from engine.bench.service import load
 from engine.engine import Engine
 from engine.loader import load_checkpoint, random_model
@@ -241,6 +242,28 @@ async def test_remote_engine_sends_the_api_key_from_the_environment(constant_ser
         await remote.close()
     finally:
         service.stop()
+
+
+async def test_remote_engine_gets_the_candidates_and_scores_the_engine_gives():
+    """Over HTTP a causal model's candidates come as in process: min_tokens holds (no empty infill)
+    and each carries the score that ranks it by the suffix."""
+    engine = Engine(random_model(CAUSAL, seed=5), warmup=False)
+    service, remote = Service(engine), None
+    options = DecodeOptions(temperature=1.0, seed=4, min_tokens=3, score_suffix=4)
+    try:
+        remote = RemoteEngine(service.url)
+        ask = dict(prefix="def mean(values):\n    return ", suffix="\n\nprint(mean([1]))\n", n_tokens=6, n=3,
+                   options=options)
+        over_http, in_process = await remote.infill(**ask), await engine.infill(**ask)
+        assert [(c.text, c.score) for c in over_http] == [(c.text, pytest.approx(c.score)) for c in in_process]
+        assert all(c.score is not None and len(c.token_ids) >= 3 for c in in_process)
+        response = fim(service.url, {"prompt": "a = ", "max_tokens": 2, "score_suffix": -1})
+        assert response.status_code == 422 and "score_suffix" in response.json()["error"]["message"]
+    finally:
+        if remote is not None:
+            await remote.close()
+        service.stop()
+        engine.close()
 
 
 async def test_load_of_simulated_editors(constant_service):

@@ -40,6 +40,10 @@ class FimRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     seed: int | None = None
+    min_tokens: int = Field(0, ge=0)  # vLLM's: the first k tokens are never the end of the text
+    # Lacuna's: each choice's `score`, the causal model's log-likelihood of its text and then of
+    # this many suffix tokens (to rank candidates by how well they fit the code after the cursor).
+    score_suffix: int = Field(0, ge=0)
 
 
 class RequestError(Exception):
@@ -168,7 +172,8 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
         fim = await read_fim_request(request, limits)
         stop = [fim.stop] if isinstance(fim.stop, str) else fim.stop or []
         # A client that stops at a line break wants one line: no steps are spent past it.
-        options = DecodeOptions(temperature=fim.temperature, top_p=fim.top_p, seed=fim.seed, single_line="\n" in stop)
+        options = DecodeOptions(temperature=fim.temperature, top_p=fim.top_p, seed=fim.seed, single_line="\n" in stop,
+                                min_tokens=fim.min_tokens, score_suffix=fim.score_suffix)
         start = time.perf_counter()
         work = asyncio.ensure_future(engine.infill(fim.prompt, fim.suffix, fim.max_tokens, n=fim.n, options=options))
         watch = asyncio.ensure_future(until_disconnected(request))
@@ -196,7 +201,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
                   "model": name, "choices": [], "usage": usage(completions[0].context_tokens, produced)}
         for index, completion in enumerate(completions):
             text, reason = truncate_at_stop(completion, stop)
-            answer["choices"].append({"index": index, "text": text, "finish_reason": reason, "logprobs": None})
+            choice = {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
+            if fim.score_suffix:
+                choice["score"] = completion.score  # None where not scored (a bidirectional model)
+            answer["choices"].append(choice)
         steps = max(c.steps for c in completions)
         confidences = [x for c in completions for x in c.confidences]
         answer["lacuna"] = {"steps": steps, "tokens_per_step": round(produced / len(completions) / max(steps, 1), 3),
