@@ -37,6 +37,8 @@ def postprocess(infill: str, *, prefix: str, suffix: str, language: str | None, 
     text = limit_to_scope(text, head, tail) if multiline else single_line(text)
     text = drop_suffix_repeats(trim_end(text, tail), head, tail)
     text, replace = close_brackets(trim_end(text, tail), head, tail)
+    if not replace:
+        text = stop_at_suffix_closer(text, tail)
     text = trim_end(text, tail)
     if is_empty(text) or introduces_syntax_error(text, replace, head, tail, language):
         return None
@@ -119,6 +121,17 @@ def close_brackets(text: str, head: str, tail: str) -> tuple[str, int]:
     return text, k
 
 
+def stop_at_suffix_closer(text: str, tail: str) -> str:
+    """Cut a one-line infill before a closer of a bracket opened before the cursor when the rest of the line
+    starts with that closer and the infill runs on past it: `foo(|)` + `a, b) + 1` gives `a, b`, and in an
+    f-string's field `{|}"` + `name}!"` gives `name` (the model did not read, or did not heed, the suffix)."""
+    rest = tail.partition("\n")[0].lstrip()
+    _, strays = _balance(text)
+    if "\n" in text or not strays or rest[:1] != text[strays[0]]:
+        return text
+    return text[: strays[0]]
+
+
 def trim_end(text: str, tail: str) -> str:
     """Strip trailing whitespace, but keep spaces that separate a one-line infill from the rest of the cursor's line."""
     stripped = text.rstrip()
@@ -190,10 +203,12 @@ def _closure(cur: str, text: str, language: str) -> str:
     return "".join({"(": ")", "[": "]", "{": "}"}.get(c, c) for c in reversed(ours))
 
 
-def _balance(code: str, quotes: str = QUOTES) -> tuple[list[int], int]:
-    """Indices of the brackets and quotes left open in `code`, and how many closers match nothing (strings skipped)."""
+def _balance(code: str, quotes: str = QUOTES) -> tuple[list[int], list[int]]:
+    """Indices of the brackets and quotes left open in `code`, and of the closers that match nothing (strings
+    skipped)."""
     opened: list[int] = []
-    stray, escaped = 0, False
+    strays: list[int] = []
+    escaped = False
     for i, ch in enumerate(code):
         top = code[opened[-1]] if opened else ""
         if top and top in quotes:
@@ -207,13 +222,13 @@ def _balance(code: str, quotes: str = QUOTES) -> tuple[list[int], int]:
             if top == PAIRS[ch]:
                 opened.pop()
             else:
-                stray += 1
-    return opened, stray
+                strays.append(i)
+    return opened, strays
 
 
 def _shape(code: str) -> tuple[str, int]:
-    opened, stray = _balance(code)
-    return "".join(code[i] for i in opened), stray
+    opened, strays = _balance(code)
+    return "".join(code[i] for i in opened), len(strays)
 
 
 def _closes(line: str) -> bool:

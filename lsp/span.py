@@ -8,6 +8,8 @@ from .config import Options
 from .document import Document
 
 BLOCK_OPENERS = (":", "{")
+# Code inside a string: Python's f-string `{...}`, JavaScript's and TypeScript's template `${...}`.
+INTERPOLATIONS = ("interpolation", "template_substitution")
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,8 @@ def _is_word(ch: str) -> bool:
 
 
 def _in_comment_or_string(doc: Document, offset: int) -> str | None:
-    """"comment" or "string" when the cursor is inside one, else None."""
+    """"comment" or "string" when the cursor is inside one (and not in code interpolated into a
+    string), else None."""
     tree = doc.tree
     if tree is None:
         return None
@@ -33,6 +36,8 @@ def _in_comment_or_string(doc: Document, offset: int) -> str | None:
         inside = node.start_byte < byte < node.end_byte or (kind.endswith("comment") and byte == node.end_byte)
         if "comment" in kind and inside:
             return "comment"
+        if kind in INTERPOLATIONS and inside:
+            return None
         if ("string" in kind or kind == "template_literal") and inside:
             return "string"
         node = node.parent

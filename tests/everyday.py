@@ -22,6 +22,8 @@ HOLES = [
     ("a condition on a length", "def first(items):\n    if len(items) == █\n        return None\n"
      "    return items[0]\n", r"0:"),
     ("a dictionary lookup", "def get_name(user):\n    return user[█]\n", r"""["']name["']\]?"""),
+    ("a field of an f-string", 'def greet(user):\n    name = user.name\n    return f"Hello, {█}!"\n',
+     r"name|user\.name"),
     ("a range loop", "def squares(n):\n    out = []\n    for i in range(█):\n        out.append(i * i)\n"
      "    return out\n", r"n(\):)?"),
 ]

@@ -33,6 +33,12 @@ BLOCK, LINE = Span(True, 64), Span(False, 21)
     ("# a note |", "python", None),  # inside a comment
     ("// a note |", "go", None),
     ('s = "done"|', "python", LINE),  # right after a closed string
+    ('print(f"Hello {|}")', "python", LINE),  # code in a string: an f-string's field
+    ('print(f"Hello {user.|}")', "python", LINE),
+    ('print(f"Hello {user}|")', "python", None),  # after the field: the string again
+    ("const s = `Hello, ${|}`;", "typescript", LINE),  # a template's substitution
+    ("const s = `Hello, ${user.|}`;", "javascript", LINE),
+    ("const s = `Hello, |`;", "javascript", None),
     ("some prose |", "plaintext", LINE),
 ])
 def test_span_decisions(source, language, expected):

@@ -12,6 +12,7 @@ from lsp.postprocess import (
     limit_to_scope,
     postprocess,
     single_line,
+    stop_at_suffix_closer,
     trim_end,
 )
 
@@ -174,6 +175,31 @@ def test_brackets_nothing_to_replace():
     assert close_brackets("x + 1", "f(", ")\n") == ("x + 1", 0)
 
 
+# ---------------------------------------------------------------- stop_at_suffix_closer
+
+
+def test_suffix_closer_python_call_that_runs_on_is_cut():
+    assert stop_at_suffix_closer("a, b) + 1", ")\n") == "a, b"
+
+
+def test_suffix_closer_python_f_string_field():
+    assert stop_at_suffix_closer('name}!"', '}"\n') == "name"
+
+
+def test_suffix_closer_javascript_template_substitution():
+    assert stop_at_suffix_closer("user.name}!`", "}`;\n") == "user.name"
+
+
+def test_suffix_closer_other_closer_or_none_left_alone():
+    assert stop_at_suffix_closer("a] + 1", ")\n") == "a] + 1"
+    assert stop_at_suffix_closer("a) + 1", "\n") == "a) + 1"
+    assert stop_at_suffix_closer("len(x) + 1", ")\n") == "len(x) + 1"
+
+
+def test_suffix_closer_inside_a_string_of_the_infill_is_not_one():
+    assert stop_at_suffix_closer('")" + x', ")\n") == '")" + x'
+
+
 # ---------------------------------------------------------------- introduces_syntax_error
 
 
@@ -285,6 +311,12 @@ def test_single_line_mode_cuts_and_strips():
 def test_leading_space_is_kept():
     got = postprocess(" + 1", prefix="const y = x", suffix=";\n", language="javascript", multiline=False)
     assert got == Candidate(" + 1")
+
+
+def test_f_string_field_that_runs_on_past_its_brace():
+    prefix = 'def greet(user):\n    name = user.name\n    return f"Hello, {'
+    got = postprocess('name}!"', prefix=prefix, suffix='}"\n', language="python", multiline=False)
+    assert got == Candidate("name")
 
 
 def test_javascript_array_with_auto_closed_bracket_and_typed_semicolon():
