@@ -145,7 +145,10 @@ class Engine:
         Token healing, for families trained on whole documents: a cursor rarely sits on a token
         boundary such a model saw (after `return `, the space is a token of its own; mid-word, the
         word is split). The prefix's last token is given back, and the infill's first token must
-        start with its text, which is then cut from the answer."""
+        start with its text, which is then cut from the answer. A causal model may also split it in
+        two where the rest is spaces or tabs: its tokens hold a line's indentation but its last
+        space, which goes with the word (a line break and three spaces, then ` return`), so after
+        four spaces no token starting with the four is natural, and the model indented deeper."""
         prefix_ids = self.encode(prefix)
         healed = self.tokenizer.decode(prefix_ids[-1:], skip_special_tokens=False)
         if not (self.config.family.token_healing and healed and prefix.endswith(healed)
@@ -159,6 +162,20 @@ class Engine:
         """A bool per vocabulary id, on the device; None when no token starts with `text`."""
         allowed = [token.startswith(text) for token in self._token_texts]
         return torch.tensor(allowed, device=self.device) if any(allowed) else None
+
+    @functools.lru_cache(maxsize=512)  # noqa: B019 (as above)
+    def _split_healing(self, text: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ids whose text starts `text` and leaves only spaces or tabs of it, and for each, a
+        bool per vocabulary id: whether it starts with that rest; None when there are none."""
+        ids, nexts = [], []
+        for i, token in enumerate(self._token_texts):
+            rest = text[len(token):]
+            if token and rest and text.startswith(token) and not rest.strip(" \t"):
+                following = self._tokens_starting_with(rest)
+                if following is not None:
+                    ids.append(i)
+                    nexts.append(following)
+        return (torch.tensor(ids, device=self.device), torch.stack(nexts)) if ids else None
 
     @functools.cached_property
     def _last_line_break(self) -> torch.Tensor:
@@ -191,11 +208,15 @@ class Engine:
             generator = torch.Generator(self.device)
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
         first = self._tokens_starting_with(healed) if healed else None
+        split = self._split_healing(healed) if healed and family.causal else None
+        if split is not None:
+            first = first.clone()
+            first[split[0]] = True
         breaks = None
         if options.single_line:  # a line break past the text a healed first token gives back ends the line
             breaks = (self._last_line_break >= len(healed), self._last_line_break >= 0)
         denoiser = Denoiser(layout, n, options, self.special, device=self.device, generator=generator,
-                            first_tokens=first, line_breaks=breaks, causal=family.causal)
+                            first_tokens=first, split_healing=split, line_breaks=breaks, causal=family.causal)
         deadline = time.monotonic() + time_budget if time_budget is not None else None
         scored_suffix = None
         # From the context's cached keys (none without the cache), within the model's positions.

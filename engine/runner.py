@@ -112,7 +112,7 @@ class StepRunner:
         columns = [r.denoiser.columns_to_predict() for r in batch]
         wanted, picks = _union([r.denoiser.start - self.shift + c for r, c in zip(batch, columns)])
         # A causal model's keys after the positions it predicts from are never read before those
-        # positions are decoded (and fed): the masks and the suffix are not fed at all.
+        # positions are decoded (and fed then): its masks are not fed here.
         fed = int(wanted.max()) + 1 if self.causal else longest
         hidden = self.model(tokens[:, :fed], positions[:, :fed], cache, rows=wanted,
                             attn_mask=key_mask[:, None, None] if padded else None, causal=self.causal)

@@ -65,6 +65,7 @@ class Denoiser:
 
     def __init__(self, layout: Layout, rows: int, options: DecodeOptions, special: SpecialIds, *, device,
                  generator: torch.Generator | None = None, first_tokens: Tensor | None = None,
+                 split_healing: tuple[Tensor, Tensor] | None = None,
                  line_breaks: tuple[Tensor, Tensor] | None = None, causal: bool = False):
         self.options, self.stop_ids, self.pad, self.mask = options, special.stop_ids, special.pad, special.mask
         self.causal = causal
@@ -74,6 +75,10 @@ class Denoiser:
         self.banned = torch.tensor((special.mask, *special.banned), device=device)
         # Token healing: the ids the first middle token may be (a bool per vocabulary id), or None.
         self.first_bias = None if first_tokens is None else torch.where(first_tokens, 0.0, -torch.inf)
+        # A causal model's healing in two tokens: the first ids that take only part of the text given
+        # back, and for each, the ids the second token may be (k, vocabulary bools).
+        self.split_healing = None if split_healing is None else (
+            split_healing[0], torch.where(split_healing[1], 0.0, -torch.inf))
         # For a single-line infill, a bool per vocabulary id: whether its answer text holds a line
         # break, in the first column (after text a healed token gives back) and in the others.
         self.line_breaks = line_breaks
@@ -208,7 +213,8 @@ class Denoiser:
 
     def _constrain(self, logits: Tensor, columns: Tensor | None) -> Tensor:
         """No stop (nor, in a single line, a line break) among the first `min_tokens`; with token
-        healing, a first token that starts with the text the prefix gave back."""
+        healing, a first token that starts with the text the prefix gave back (or, split, a first
+        token that is the start of it and a second that starts with the rest)."""
         if columns is None:
             columns = torch.arange(logits.shape[1], device=logits.device)
         if self.options.min_tokens:
@@ -220,6 +226,11 @@ class Denoiser:
                 logits = logits.masked_fill(early & torch.where((columns == 0)[:, None], first, rest), -torch.inf)
         if self.first_bias is not None:
             logits = torch.where((columns == 0)[None, :, None], logits + self.first_bias, logits)
+        if self.split_healing is not None:
+            ids, biases = self.split_healing
+            split = self.middle[:, :1] == ids  # (rows, k): the first token took part of the text
+            bias = torch.where(split.any(dim=1, keepdim=True), biases[split.int().argmax(dim=1)], 0.0)
+            logits = torch.where((columns == 1)[None, :, None], logits + bias[:, None], logits)
         return logits
 
     def _draw(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:

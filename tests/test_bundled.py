@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from engine.api import DecodeOptions
 from engine.config import CheckpointError
 from engine.engine import Engine
 from engine.loader import BUNDLED_DIR, load_checkpoint
@@ -40,3 +41,21 @@ def test_a_truncated_copy_is_refused_clearly(tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=shard.name):
         load_checkpoint(tmp_path, "cpu", torch.float32)
+
+
+def test_after_an_indentation_the_line_comes_at_the_cursor_not_deeper():
+    """The cursor on a line holding only its indentation: the model's tokens hold an indentation of
+    four as a line break and three spaces, then ` return`. Healing that gives the line break and the
+    four spaces back lets the first token take the three and the second start with the last space;
+    with only tokens that start with all four allowed, the model wrote a deeper indentation."""
+    engine = Engine.load(device="cpu", warmup=False)
+    options = DecodeOptions(min_tokens=1, single_line=True)
+    try:
+        for prefix in ['def area(r):\n    """The area of a circle of radius r."""\n    ',
+                       "def f(n):\n    for i in range(n):\n        if i % 3 == 0:\n            print(i)\n"
+                       "        elif i % 5 == 0:\n            ",
+                       "func main() {\n\tfor i := 0; i < 3; i++ {\n\t\t"]:
+            [completion] = engine.complete(prefix, "\n", 16, options=options)
+            assert completion.text.strip() and not completion.text[0].isspace(), completion.text
+    finally:
+        engine.close()

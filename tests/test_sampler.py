@@ -173,6 +173,19 @@ def test_a_causal_model_keeps_the_drafted_tokens_it_agrees_with():
     assert den.columns_to_predict().tolist() == [3]
 
 
+def test_a_causal_model_may_heal_in_two_tokens_the_second_taking_the_rest():
+    """The text given back split: where the first token is 4 (its start), the second must be one
+    of the tokens that start with the rest (5, 6); where it is 1 (all of it), anything goes."""
+    allowed_first = breaks(1, 4)  # as flags: the first tokens that start, or take part of, the text
+    split = (torch.tensor([4]), breaks(5, 6)[None])
+    for first, second in ((4, 5), (1, 2)):
+        den = Denoiser(layout(n=3), 1, DecodeOptions(lookup=0), SPECIAL, device="cpu", causal=True,
+                       first_tokens=allowed_first, split_healing=split)
+        den.update(logits_for([(first, 0.6)]), den.columns_to_predict())
+        den.update(logits_for([(2, 0.6)]), den.columns_to_predict())  # 2 is the model's choice
+        assert den.middle[0, :2].tolist() == [first, second]
+
+
 def test_without_lookup_a_causal_model_decodes_one_token_a_step():
     den = Denoiser(layout(prefix=(1, 2, 3, 1, 2), suffix=(), n=6), 1, DecodeOptions(lookup=0), SPECIAL,
                    device="cpu", causal=True)
