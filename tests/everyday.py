@@ -1,6 +1,7 @@
 """Everyday holes of our own making (not HumanEval): a small file, the cursor at "█", and what a
-sensible single-line suggestion there looks like (a regex the suggestion must match whole; where
-the cursor stands before an auto-closed bracket, the suggestion may run over it)."""
+sensible single-line suggestion there looks like (a regex the suggestion must match whole, but
+for trailing whitespace: leading whitespace is wrong, the cursor already stands after what the
+line needs; where the cursor stands before an auto-closed bracket, the suggestion may run over it)."""
 
 HOLES = [
     ("return after a computation", "def mean(xs):\n    total = sum(xs)\n    return █\n",
@@ -24,6 +25,10 @@ HOLES = [
     ("a dictionary lookup", "def get_name(user):\n    return user[█]\n", r"""["']name["']\]?"""),
     ("a field of an f-string", 'def greet(user):\n    name = user.name\n    return f"Hello, {█}!"\n',
      r"name|user\.name"),
+    ("a body after its signature (an editor's auto-indent)", "def is_empty(items):\n    █\n",
+     r"return (len\(items\) == 0|not items|items == \[\])"),
+    ("a constructor's first line (an editor's auto-indent)", "class Stack:\n    def __init__(self):\n        █\n",
+     r"self\.\w+ = (\[\]|list\(\))"),
     ("a range loop", "def squares(n):\n    out = []\n    for i in range(█):\n        out.append(i * i)\n"
      "    return out\n", r"n(\):)?"),
 ]

@@ -9,9 +9,9 @@ from everyday import HOLES, split
 from lsprotocol import types
 from test_server import inline, open_doc, start, stop
 
-# The bundled model scores 8 of 13 on HOLES (the model card's figure, measured); the test keeps a
+# The bundled model scores 10 of 15 on HOLES (the model card's figure, measured); the test keeps a
 # margin for the threads' scheduling, which can change a borderline greedy choice.
-SENSIBLE_AT_LEAST = 7
+SENSIBLE_AT_LEAST = 9
 
 
 async def test_everyday_holes_get_sensible_suggestions():
@@ -30,7 +30,7 @@ async def test_everyday_holes_get_sensible_suggestions():
     finally:
         await stop(client)
     empty = [name for name, text in suggestions.items() if not text.strip()]
-    sensible = [name for name, text, pattern in HOLES if re.fullmatch(pattern, suggestions[name].strip())]
+    sensible = [name for name, text, pattern in HOLES if re.fullmatch(pattern, suggestions[name].rstrip())]
     print(f"{len(sensible)} of {len(HOLES)} sensible: {suggestions}")
     assert not empty, suggestions
     assert len(sensible) >= SENSIBLE_AT_LEAST, suggestions
