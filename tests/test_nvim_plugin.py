@@ -343,9 +343,10 @@ def write_screenshot(nvim, path, width=40, height=5):
         f'<rect width="100%" height="100%" fill="#{default["background"]:06x}"/>\n' + "\n".join(texts) + "\n</svg>\n")
 
 
-def test_the_bundled_model_suggests_a_method_call(bare_nvim, tmp_path):
+def test_the_bundled_model_suggests_a_method_call_and_a_line_neovim_indented(bare_nvim, tmp_path):
     """Out of the box (no model configured): typing `self.items.` in a method that takes an item shows
-    sensible ghost text, and Tab accepts it."""
+    sensible ghost text, and Tab accepts it. On the line `o` opens below a signature, which Neovim
+    indents, the ghost text starts at that indentation, not deeper."""
     nvim = bare_nvim
     nvim.exec_lua("require('lacuna').setup(...)", {
         "cmd": [sys.executable, "-m", "lsp.cli", "serve"], "filetypes": ["python"],
@@ -358,3 +359,9 @@ def test_the_bundled_model_suggests_a_method_call(bare_nvim, tmp_path):
     assert suggestion[:2] == [5, len("        self.items.")] and suggestion[2].startswith("append("), suggestion
     nvim.input("<Tab>")
     wait_for(lambda: lines(nvim)[5].startswith("        self.items.append("))
+    nvim.input("<Esc>")
+    open_file(nvim, tmp_path / "empty.py", "def is_empty(items):\n")
+    nvim.input("o")
+    wait_for(lambda: lines(nvim)[1] == "    ")  # Neovim's Python indentation
+    suggestion = wait_for(lambda: ghost(nvim), timeout=60)[0]
+    assert suggestion[:2] == [1, 4] and suggestion[2][:1].isalpha(), suggestion
