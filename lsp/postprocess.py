@@ -34,6 +34,7 @@ def postprocess(infill: str, *, prefix: str, suffix: str, language: str | None, 
     head, tail = _window(prefix, suffix)
     crlf = "\r\n" in head or "\r\n" in tail
     head, tail, text = (s.replace("\r\n", "\n") for s in (head, tail, infill))
+    text = keep_the_cursors_indentation(text, head)
     text = limit_to_scope(text, head, tail) if multiline else single_line(text)
     text = drop_suffix_repeats(trim_end(text, tail), head, tail)
     text, replace = close_brackets(trim_end(text, tail), head, tail)
@@ -43,6 +44,22 @@ def postprocess(infill: str, *, prefix: str, suffix: str, language: str | None, 
     if is_empty(text) or introduces_syntax_error(text, replace, head, tail, language):
         return None
     return Candidate(text.replace("\n", "\r\n") if crlf else text, replace)
+
+
+def keep_the_cursors_indentation(text: str, head: str) -> str:
+    """On a line holding only the indentation the line above calls for (an editor's auto-indent), the
+    infill does not indent further: the extra whitespace of its first line goes, and as much of every
+    other line's (`{` then two spaces: the model's `  a += b;` as if the file were indented by four)."""
+    above, _, cur = head.rpartition("\n")
+    extra = text[: len(text) - len(text.lstrip(" \t"))]
+    ref = next((line for line in reversed(above.split("\n")) if line.strip()), None)
+    if cur.strip() or not cur or not extra or "\n" in extra or ref is None:
+        return text
+    # A block's body is one level in: two or four spaces or a tab (not a cursor in mid-indentation).
+    level = cur.removeprefix(ref[: _indent(ref)]) if ref.rstrip().endswith(OPENERS) else ""
+    if _indent(cur) != _indent(ref) + len(level) or level not in ("", "  ", "    ", "\t"):
+        return text
+    return "\n".join(line.removeprefix(extra) for line in text.split("\n"))
 
 
 def single_line(text: str) -> str:

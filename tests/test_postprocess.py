@@ -9,6 +9,7 @@ from lsp.postprocess import (
     drop_suffix_repeats,
     introduces_syntax_error,
     is_empty,
+    keep_the_cursors_indentation,
     limit_to_scope,
     postprocess,
     single_line,
@@ -17,6 +18,27 @@ from lsp.postprocess import (
 )
 
 LANGUAGES = ["python", "javascript", "typescript", "typescriptreact", "go", "rust", "java", "c", "cpp", None]
+
+# ---------------------------------------------------------------- keep_the_cursors_indentation
+
+
+def test_indentation_javascript_body_after_auto_indent():
+    assert keep_the_cursors_indentation("  a += b;", "function add(a, b) {\n  ") == "a += b;"
+    got = keep_the_cursors_indentation("  a += b;\n    return a;", "function add(a, b) {\n  ")
+    assert got == "a += b;\n  return a;"  # every line moves left as much
+
+
+def test_indentation_python_next_statement_at_the_same_level():
+    assert keep_the_cursors_indentation("    y = 2", "def f():\n    x = 1\n    ") == "y = 2"
+
+
+def test_indentation_left_alone_where_the_cursor_is_not_at_an_editors_indentation():
+    assert keep_the_cursors_indentation(" b", "x = a +") == " b"  # mid-line
+    assert keep_the_cursors_indentation("    return x", "def f(x):\n") == "    return x"  # a line start
+    assert keep_the_cursors_indentation("  c)", "foo(a,\n    ") == "  c)"  # a continuation line
+    assert keep_the_cursors_indentation("    x = 1", "if ok:\n        y = 2\n    ") == "    x = 1"  # dedented
+    assert keep_the_cursors_indentation(" if n:", "    for n in ns:\n       ") == " if n:"  # mid-indentation
+
 
 # ---------------------------------------------------------------- single_line
 
@@ -317,6 +339,12 @@ def test_f_string_field_that_runs_on_past_its_brace():
     prefix = 'def greet(user):\n    name = user.name\n    return f"Hello, {'
     got = postprocess('name}!"', prefix=prefix, suffix='}"\n', language="python", multiline=False)
     assert got == Candidate("name")
+
+
+def test_javascript_body_after_auto_indent_keeps_the_files_indentation():
+    got = postprocess("  a += b;", prefix="function add(a, b) {\n  ", suffix="\n}\n", language="javascript",
+                      multiline=True)
+    assert got == Candidate("a += b;")
 
 
 def test_javascript_array_with_auto_closed_bracket_and_typed_semicolon():
