@@ -167,6 +167,8 @@ class Engine:
     def _split_healing(self, text: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The ids whose text starts `text` and leaves only spaces or tabs of it, and for each, a
         bool per vocabulary id: whether it starts with that rest; None when there are none."""
+        if not text.endswith((" ", "\t")):  # no rest of spaces or tabs: spare the vocabulary scan
+            return None
         ids, nexts = [], []
         for i, token in enumerate(self._token_texts):
             rest = text[len(token):]

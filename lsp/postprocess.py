@@ -52,8 +52,8 @@ def keep_the_cursors_indentation(text: str, head: str) -> str:
     other line's (`{` then two spaces: the model's `  a += b;` as if the file were indented by four)."""
     above, _, cur = head.rpartition("\n")
     extra = text[: len(text) - len(text.lstrip(" \t"))]
-    ref = next((line for line in reversed(above.split("\n")) if line.strip()), None)
-    if cur.strip() or not cur or not extra or "\n" in extra or ref is None:
+    ref = _last_code_line(above)
+    if cur.strip() or not cur or not extra or "\n" in extra or not ref:
         return text
     # A block's body is one level in: two or four spaces or a tab (not a cursor in mid-indentation).
     level = cur.removeprefix(ref[: _indent(ref)]) if ref.rstrip().endswith(OPENERS) else ""
@@ -77,7 +77,7 @@ def limit_to_scope(text: str, head: str, tail: str) -> str:
     if cur.strip() and lines[0].strip():
         base, strict = _indent(cur), True  # it finishes the cursor's statement (and the block that opens)
     else:  # it starts new lines: in the block of the line above, or in the body that line opens
-        ref = cur if cur.strip() else next((s for s in reversed(above.split("\n")) if s.strip()), "")
+        ref = cur if cur.strip() else _last_code_line(above)
         strict = ref.rstrip().endswith(OPENERS)
         base = _indent(ref) if strict else min(_indent(ref), _indent(written[0])) if ref else _indent(written[0])
     rest, _, after = tail.partition("\n")
@@ -246,6 +246,11 @@ def _balance(code: str, quotes: str = QUOTES) -> tuple[list[int], list[int]]:
 def _shape(code: str) -> tuple[str, int]:
     opened, strays = _balance(code)
     return "".join(code[i] for i in opened), len(strays)
+
+
+def _last_code_line(text: str) -> str:
+    """The last line of `text` that is not blank ("" for none)."""
+    return next((line for line in reversed(text.split("\n")) if line.strip()), "")
 
 
 def _closes(line: str) -> bool:
