@@ -18,6 +18,7 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
 API_KEY_ENV = "LACUNA_API_KEY"  # the engine service's key: `lacuna engine` requires it, its clients send it
 POLICIES = ("steps", "threshold", "fixed")
 ORDERINGS = ("confidence", "margin", "entropy", "left_to_right")
+OPENERS = ("(", "[", "{", ":")  # a line ending in one opens a block, or carries one on (`else:`)
 
 
 class EngineError(RuntimeError):
@@ -48,6 +49,11 @@ class DecodeOptions:
     # suffix tokens after it: how well each fits the code after the cursor, which such a model
     # never reads while decoding (0: no score).
     score_suffix: int = 0
+    # A multi-line infill ends after its first whole line, past the first, that is indented less
+    # than this many columns and does not end with an opener (`else:` and `} else {` carry a block
+    # on): the block at the cursor has closed, and no steps are spent past it (llama.cpp's
+    # n_indent). None: no such end.
+    block_indent: int | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -70,6 +76,18 @@ class DecodeOptions:
             raise ValueError("lookup must be >= 0")
         if self.score_suffix < 0:
             raise ValueError("score_suffix must be >= 0")
+        if self.block_indent is not None and self.block_indent < 0:
+            raise ValueError("block_indent must be >= 0")
+
+
+def leaves_block(text: str, indent: int) -> bool:
+    """Whether a whole line of an infill's `text`, past its first, is indented less than `indent`
+    columns and opens nothing (DecodeOptions.block_indent)."""
+    for line in text.split("\n")[1:-1]:  # the last is not whole yet
+        code = line.strip()
+        if code and len(line) - len(line.lstrip(" \t")) < indent and not code.endswith(OPENERS):
+            return True
+    return False
 
 
 @dataclass

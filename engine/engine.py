@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .api import Capacity, Completion, DecodeOptions, EngineError
+from .api import Capacity, Completion, DecodeOptions, EngineError, leaves_block
 from .catalog import resolve
 from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, random_model
 from .packed import native_bfloat16, use_int4_kernels
@@ -320,6 +320,7 @@ class Engine:
                 self.on_step(len(batch))
             try:
                 failed = self.runner.step(batch)
+                self._end_closed_blocks(batch)
             except Exception as err:  # e.g. out of memory: fail this batch, keep serving
                 self.runner.reset()
                 failed = [(request, EngineError(f"infill failed: {err}")) for request in batch]
@@ -338,6 +339,21 @@ class Engine:
                 self._resolve(request, partial=why == "budget")
             self.runner.forget(request.id)
 
+    def _end_closed_blocks(self, batch: list[Request]) -> None:
+        """End each row of a multi-line infill whose text has left the block (`block_indent`)."""
+        for request in batch:
+            indent, den = request.denoiser.options.block_indent, request.denoiser
+            if indent is None or request.future.done():
+                continue
+            for row, (ids, _) in enumerate(den.result_rows(partial=True)):
+                if leaves_block(self._answer_text(request, ids), indent):
+                    den.end_row(row)
+
+    def _answer_text(self, request: Request, ids: list[int]) -> str:
+        """The text of an infill's tokens, less what its first token gives back to the prefix."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        return text[len(request.healed):] if text.startswith(request.healed) else text
+
     def _resolve(self, request: Request, partial: bool = False, error: Exception | None = None) -> None:
         """Set the request's answer (its completions, or `error`) and drop its context cache."""
         if error is None:
@@ -355,8 +371,7 @@ class Engine:
                     reason = "budget"
                 else:
                     reason = "length" if len(ids) == den.end - den.start else "stop"
-                text = self.tokenizer.decode(ids, skip_special_tokens=False)
-                text = text[len(request.healed):] if text.startswith(request.healed) else text
+                text = self._answer_text(request, ids)
                 context = den.x.shape[1] - (den.end - den.start)
                 completions.append(Completion(text, ids, conf, den.steps, reason, context, score))
         self.runner.forget(request.id)

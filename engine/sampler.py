@@ -259,6 +259,11 @@ class Denoiser:
             score = confidence
         return tokens, confidence, score
 
+    def end_row(self, row: int) -> None:
+        """End a row's infill where it stands: its masked positions become pad."""
+        self.middle[row].masked_fill_(self.masked[row], self.pad)
+        self.masked[row] = False
+
     def result_rows(self, partial: bool = False) -> list[tuple[list[int], list[float]]]:
         """Each row's decoded tokens up to the first EOS/pad (or first mask, if `partial`)."""
         rows = []

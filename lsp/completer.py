@@ -170,7 +170,7 @@ class Completer:
         ask = dict(prefix=prefix, suffix=suffix, n_tokens=min(span.tokens, engine.capacity.max_tokens),
                    time_budget=self.options.time_budget_ms / 1000)
         # An empty infill is no suggestion: the span rules already decided one is wanted here.
-        options = DecodeOptions(min_tokens=1, single_line=not span.multiline,
+        options = DecodeOptions(min_tokens=1, single_line=not span.multiline, block_indent=span.block_indent,
                                 score_suffix=SCORED_SUFFIX_TOKENS if n > 1 else 0)
         parts = [engine.infill(**ask, n=1, options=options)]
         if n > 1:

@@ -11,11 +11,11 @@ import functools
 import re
 from dataclasses import dataclass
 
+from engine.api import OPENERS
 from lsp.languages import parser
 
 WINDOW = 100  # lines of context kept on each side of the cursor
 LINE = 400  # characters of the cursor's line the bracket rules scan on each side: minified lines are huge
-OPENERS = ("(", "[", "{", ":")  # a line ending in one of these opens a block
 CLOSERS, QUOTES, PAIRS = ")]}", "\"'`", {")": "(", "]": "[", "}": "{"}
 # A line back at its block's level that carries the statement on: `} else {`, `else:`, `except E:`.
 CONTINUES = re.compile(r"\s*(?:[)\]}]|(?:else|elif|except|finally)\b).*[:{(\[]\s*$")

@@ -57,7 +57,8 @@ class RemoteEngine:
         if options.single_line:
             body["stop"] = ["\n"]
         if self.lacuna:  # fields other FIM APIs may refuse
-            body |= {"min_tokens": options.min_tokens, "score_suffix": options.score_suffix, "seed": options.seed}
+            body |= {"min_tokens": options.min_tokens, "score_suffix": options.score_suffix, "seed": options.seed,
+                     "block_indent": options.block_indent}
         if self.model:
             body["model"] = self.model
         try:

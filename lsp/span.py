@@ -16,6 +16,9 @@ INTERPOLATIONS = ("interpolation", "template_substitution")
 class Span:
     multiline: bool
     tokens: int  # masked tokens to fill
+    # A multi-line infill ends at a line indented less than this, which leaves the block the
+    # cursor opens (DecodeOptions.block_indent); post-processing would cut it there anyway.
+    block_indent: int | None = None
 
 
 def _is_word(ch: str) -> bool:
@@ -59,11 +62,15 @@ def plan_span(doc: Document, offset: int, options: Options) -> Span | None:
     line_tokens = max(1, options.max_tokens // 3)
     if not options.multiline or after.strip() or where:
         return Span(False, line_tokens)
+    opener = before  # the line that opens the block
     opens_block = before.rstrip().endswith(BLOCK_OPENERS)
     if not before.strip():  # a blank line: look at the last line with code
         previous = text[:line_start].rstrip()
+        opener = previous[previous.rfind("\n") + 1:]
         opens_block = previous.endswith(BLOCK_OPENERS) or _empty_body_follows(text, offset)
-    return Span(True, options.max_tokens) if opens_block else Span(False, line_tokens)
+    if not opens_block:
+        return Span(False, line_tokens)
+    return Span(True, options.max_tokens, len(opener) - len(opener.lstrip(" \t")) + 1)
 
 
 def _empty_body_follows(text: str, offset: int) -> bool:

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from engine.api import DecodeOptions
+from engine.api import DecodeOptions, leaves_block
 from engine.config import CheckpointError
 from engine.engine import Engine
 from engine.loader import BUNDLED_DIR, load_checkpoint
@@ -59,3 +59,18 @@ def test_after_an_indentation_the_line_comes_at_the_cursor_not_deeper():
             assert completion.text.strip() and not completion.text[0].isspace(), completion.text
     finally:
         engine.close()
+
+
+def test_a_block_ends_where_its_indentation_does():
+    """With `block_indent`, a multi-line infill stops after the first whole line that leaves the
+    block, and the text is the same as far as that line: fewer steps, the same suggestion."""
+    engine = Engine.load(device="cpu", warmup=False)
+    prefix = "def total(prices):\n    result = 0\n    for price in prices:\n        "
+    try:
+        [full] = engine.complete(prefix, "", 64, options=DecodeOptions())
+        [ended] = engine.complete(prefix, "", 64, options=DecodeOptions(block_indent=5))
+    finally:
+        engine.close()
+    assert leaves_block(ended.text, 5) and not leaves_block(ended.text.rpartition("\n")[0], 5), ended.text
+    assert full.text.startswith(ended.text) and len(full.text) > len(ended.text)
+    assert ended.steps < full.steps

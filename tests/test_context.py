@@ -15,7 +15,7 @@ def at(source: str, language: str = "python", **options):
     return plan_span(doc, offset, Options(**options))
 
 
-BLOCK, LINE = Span(True, 64), Span(False, 21)
+BLOCK, LINE = Span(True, 64, block_indent=1), Span(False, 21)  # a block opened at column 0 ends at a line there
 
 
 @pytest.mark.parametrize("source, language, expected", [
@@ -25,6 +25,10 @@ BLOCK, LINE = Span(True, 64), Span(False, 21)
     ("function f() {\n  |\n}", "javascript", BLOCK),
     ("if (ready) {|", "javascript", BLOCK),
     ("fn main() {\n    |\n}", "rust", BLOCK),
+    # Opened by an indented line: a line back at its indentation, or less, leaves the block.
+    ("class A:\n    def f(self):\n        |", "python", Span(True, 64, block_indent=5)),
+    ("class A:\n    def f(self):|", "python", Span(True, 64, block_indent=5)),
+    ("func f() {\n\tif ok {\n\t\t|\n\t}\n}", "go", Span(True, 64, block_indent=2)),
     ("total = compute(|)", "python", LINE),  # text to the right: one line
     ("total = |", "python", LINE),
     ("x = fo|o", "python", None),  # inside a word with more of it to the right
@@ -49,7 +53,7 @@ def test_span_options():
     assert at("# a note |", complete_in_comments=True) == LINE
     assert at('x = "ab |"', complete_in_strings=True) == LINE
     assert at("def f(x):|", multiline=False) == LINE
-    assert at("def f(x):|", max_tokens=30) == Span(True, 30)
+    assert at("def f(x):|", max_tokens=30) == Span(True, 30, block_indent=1)
 
 
 def test_context_puts_outside_definitions_headers_and_imports_before_the_window():

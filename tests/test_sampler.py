@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.api import DecodeOptions, EngineError
+from engine.api import DecodeOptions, EngineError, leaves_block
 from engine.loader import SpecialIds
 from engine.sampler import Denoiser, build_layout, top_p_filter, transfer_schedule
 
@@ -200,6 +200,28 @@ def test_partial_result_stops_at_the_first_mask():
     assert den.result_rows(partial=True)[0][0] == [5]
 
 
+def test_ending_a_row_pads_what_is_still_masked():
+    den = denoiser(n=4, policy="threshold", threshold=0.9)
+    step(den, [(5, 0.95), (6, 0.1), (7, 0.95), (3, 0.1)])
+    den.end_row(0)
+    assert den.done and den.result_rows()[0][0] == [5]
+
+
+@pytest.mark.parametrize("text, indent, leaves", [
+    ("x += 1\n    return x\n", 5, True),  # back at the indentation of the line that opened the block
+    ("x += 1\n    return x", 5, False),  # that line is not whole yet
+    ("x += 1\n        y = 2\n", 5, False),  # still inside
+    ("x = 1\n\n  \n", 5, False),  # blank lines leave nothing
+    ("a()\n    else:\n", 5, False),  # it carries the block on
+    ("a()\n} else {\n", 1, False),
+    ("a()\n}\n", 1, True),
+    ("x\n\treturn\n", 2, True),  # columns are characters: a tab is one
+    ("\n", 1, False),  # the first line is the cursor's, whatever its indentation
+])
+def test_a_block_is_left_by_a_whole_line_indented_less_that_opens_nothing(text, indent, leaves):
+    assert leaves_block(text, indent) is leaves
+
+
 def test_mask_token_is_never_predicted():
     den = denoiser(n=2, policy="threshold", threshold=0.5)
     step(den, [(MASK, 0.99), (MASK, 0.99)])
@@ -235,7 +257,7 @@ def test_temperature_sampling_is_seeded():
 @pytest.mark.parametrize("bad", [dict(policy="greedy"), dict(ordering="random"), dict(steps=0),
                                  dict(threshold=1.5), dict(temperature=-1), dict(top_p=0),
                                  dict(tokens_per_step=0), dict(refresh_every=-1), dict(min_tokens=-1),
-                                 dict(lookup=-1)])
+                                 dict(lookup=-1), dict(block_indent=-1)])
 def test_invalid_options(bad):
     with pytest.raises(ValueError):
         DecodeOptions(**bad)

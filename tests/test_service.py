@@ -17,7 +17,7 @@ from lsprotocol import types
 from test_runner import CAUSAL
 from test_server import command, inline, open_doc, start, stop
 
-from engine.api import DecodeOptions, EngineError, Limits
+from engine.api import DecodeOptions, EngineError, Limits, leaves_block
 from engine.bench.service import load
 from engine.engine import Engine
 from engine.loader import load_checkpoint, random_model
@@ -259,6 +259,26 @@ async def test_remote_engine_gets_the_candidates_and_scores_the_engine_gives():
         assert all(c.score is not None and len(c.token_ids) >= 3 for c in in_process)
         response = fim(service.url, {"prompt": "a = ", "max_tokens": 2, "score_suffix": -1})
         assert response.status_code == 422 and "score_suffix" in response.json()["error"]["message"]
+    finally:
+        if remote is not None:
+            await remote.close()
+        service.stop()
+        engine.close()
+
+
+async def test_a_block_ends_over_http_where_it_does_in_process():
+    """`block_indent` reaches a `lacuna engine`: the bundled model's block infill ends at the line
+    that leaves the block, over HTTP as in process."""
+    engine = Engine.load(device="cpu", warmup=False)
+    service, remote = Service(engine), None
+    ask = dict(prefix="def total(prices):\n    result = 0\n    for price in prices:\n        ", suffix="",
+               n_tokens=64, options=DecodeOptions(block_indent=5))
+    try:
+        remote = RemoteEngine(service.url)
+        [over_http], [in_process] = await remote.infill(**ask), await engine.infill(**ask)
+        assert over_http.text == in_process.text and leaves_block(in_process.text, 5)
+        response = fim(service.url, {"prompt": "a = ", "max_tokens": 2, "block_indent": -1})
+        assert response.status_code == 422 and "block_indent" in response.json()["error"]["message"]
     finally:
         if remote is not None:
             await remote.close()

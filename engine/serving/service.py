@@ -44,6 +44,9 @@ class FimRequest(BaseModel):
     # Lacuna's: each choice's `score`, the causal model's log-likelihood of its text and then of
     # this many suffix tokens (to rank candidates by how well they fit the code after the cursor).
     score_suffix: int = Field(0, ge=0)
+    # Lacuna's: the text ends after a whole line, past its first, indented less than this many
+    # columns that opens nothing (the block at the cursor has closed; llama.cpp's n_indent).
+    block_indent: int | None = Field(None, ge=0)
 
 
 class RequestError(Exception):
@@ -173,7 +176,7 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
         stop = [fim.stop] if isinstance(fim.stop, str) else fim.stop or []
         # A client that stops at a line break wants one line: no steps are spent past it.
         options = DecodeOptions(temperature=fim.temperature, top_p=fim.top_p, seed=fim.seed, single_line="\n" in stop,
-                                min_tokens=fim.min_tokens, score_suffix=fim.score_suffix)
+                                min_tokens=fim.min_tokens, score_suffix=fim.score_suffix, block_indent=fim.block_indent)
         start = time.perf_counter()
         work = asyncio.ensure_future(engine.infill(fim.prompt, fim.suffix, fim.max_tokens, n=fim.n, options=options))
         watch = asyncio.ensure_future(until_disconnected(request))
