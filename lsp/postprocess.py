@@ -15,6 +15,7 @@ from engine.api import OPENERS
 from lsp.languages import parser
 
 WINDOW = 100  # lines of context kept on each side of the cursor
+REPEATED_LINES = 2  # lines below the cursor's that the infill must repeat to be cut there (fewer where it ends)
 LINE = 400  # characters of the cursor's line the bracket rules scan on each side: minified lines are huge
 CLOSERS, QUOTES, PAIRS = ")]}", "\"'`", {")": "(", "]": "[", "}": "{"}
 # A line back at its block's level that carries the statement on: `} else {`, `else:`, `except E:`.
@@ -96,16 +97,19 @@ def limit_to_scope(text: str, head: str, tail: str) -> str:
 
 
 def drop_suffix_repeats(text: str, head: str, tail: str) -> str:
-    """Cut the end of the infill that repeats what follows the cursor: the model often runs on into the suffix."""
+    """Cut the infill where it runs into what follows the cursor: from its first line that starts a repeat of the
+    lines below the cursor's (two of them, or as many as either has left; spacing within a line aside). A model
+    that does not read the suffix writes it again, often after what was missing."""
     cur = head.rpartition("\n")[2]
     rest, _, after = tail.partition("\n")
     lines = text.split("\n")
     whole = [cur + lines[0], *lines[1:]]  # the lines as they will read in the document
     nonblank = [i for i, line in enumerate(whole) if line.strip()]
-    following = [line.rstrip() for line in after.split("\n") if line.strip()][: len(nonblank)]
-    for k in range(min(len(nonblank), len(following)), 0, -1):
-        if [whole[i].rstrip() for i in nonblank[-k:]] == following[:k]:
-            text = trim_end("\n".join(lines[: nonblank[-k]]), tail)
+    following = [_squeezed(line) for line in after.split("\n") if line.strip()][:REPEATED_LINES]
+    for n, i in enumerate(nonblank):
+        ahead = [_squeezed(whole[j]) for j in nonblank[n:n + REPEATED_LINES]]
+        if following and ahead[: len(following)] == following[: len(ahead)]:
+            text = trim_end("\n".join(lines[:i]), tail)
             break
     # Then its overlap with the rest of the cursor's line: `foo(|, b)` + `a, b)`. Closers alone are left to
     # close_brackets; an overlap must end between words and must not unbalance a balanced line.
@@ -255,6 +259,12 @@ def _last_code_line(text: str) -> str:
 
 def _closes(line: str) -> bool:
     return line.lstrip()[:1] in tuple(CLOSERS)
+
+
+def _squeezed(line: str) -> tuple[str, str]:
+    """A line's indentation and its code without spaces: `+= 1` and `+=1` are the same statement."""
+    code = line.lstrip(" \t")
+    return line[: len(line) - len(code)], "".join(code.split())
 
 
 def _indent(line: str) -> int:

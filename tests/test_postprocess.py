@@ -133,6 +133,25 @@ def test_repeats_python_several_lines_are_cut():
     assert drop_suffix_repeats(infill, head, tail) == "xs = list(xs)"
 
 
+def test_repeats_python_block_running_into_the_suffix_is_cut_where_it_meets_it():
+    """The model writes the missing header, then the body and the rest that follow the cursor (spaced its
+    own way): the header alone is the completion."""
+    head = "def count(num):\n    even = 0\n    for i in str(num):\n"
+    tail = "\n            even +=1\n        else:\n            odd += 1\n    return even\n"
+    infill = ("        if int(i) % 2 == 0:\n            even += 1\n        else:\n            odd += 1\n"
+              "    return (even, odd)")
+    assert drop_suffix_repeats(infill, head, tail) == "        if int(i) % 2 == 0:"
+
+
+def test_repeats_one_line_like_the_suffix_is_not_a_repeat_of_two():
+    head = "def f(xs):\n    for x in xs:\n        "
+    tail = "\n        total += x\n    return total\n"
+    infill = "if x < 0:\n            continue\n        total += x\n        count += 1"
+    assert drop_suffix_repeats(infill, head, tail) == infill
+    # Deeper than the suffix's line, the same statement is not the suffix's.
+    assert drop_suffix_repeats("if x:\n            total += x", head, tail) == "if x:\n            total += x"
+
+
 def test_repeats_whole_infill_repeating_next_line_leaves_nothing():
     assert drop_suffix_repeats("return x", "def f(x):\n    ", "\n    return x\n") == ""
 
