@@ -216,7 +216,7 @@ def test_ending_a_row_pads_what_is_still_masked():
     ("a()\n} else {\n", 1, False),
     ("a()\n}\n", 1, True),
     ("x\n\treturn\n", 2, True),  # columns are characters: a tab is one
-    ("\n", 1, False),  # the first line is the cursor's, whatever its indentation
+    ("return x\n", 1, False),  # the first line is the cursor's, whatever its indentation
 ])
 def test_a_block_is_left_by_a_whole_line_indented_less_that_opens_nothing(text, indent, leaves):
     assert leaves_block(text, indent) is leaves
