@@ -80,12 +80,17 @@ class DecodeOptions:
             raise ValueError("block_indent must be >= 0")
 
 
+def indentation(line: str) -> int:
+    """Columns of leading spaces and tabs (a tab is one)."""
+    return len(line) - len(line.lstrip(" \t"))
+
+
 def leaves_block(text: str, indent: int) -> bool:
     """Whether a whole line of an infill's `text`, past its first, is indented less than `indent`
     columns and opens nothing (DecodeOptions.block_indent)."""
     for line in text.split("\n")[1:-1]:  # the last is not whole yet
         code = line.strip()
-        if code and len(line) - len(line.lstrip(" \t")) < indent and not code.endswith(OPENERS):
+        if code and indentation(line) < indent and not code.endswith(OPENERS):
             return True
     return False
 

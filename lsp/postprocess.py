@@ -8,10 +8,11 @@ with the file. Text is handled with '\n' line endings and converted back to the 
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from dataclasses import dataclass
 
-from engine.api import OPENERS
+from engine.api import OPENERS, indentation
 from lsp.languages import parser
 
 WINDOW = 100  # lines of context kept on each side of the cursor
@@ -52,13 +53,13 @@ def keep_the_cursors_indentation(text: str, head: str) -> str:
     infill does not indent further: the extra whitespace of its first line goes, and as much of every
     other line's (`{` then two spaces: the model's `  a += b;` as if the file were indented by four)."""
     above, _, cur = head.rpartition("\n")
-    extra = text[: len(text) - len(text.lstrip(" \t"))]
+    extra = text[: indentation(text)]
     ref = _last_code_line(above)
     if cur.strip() or not cur or not extra or "\n" in extra or not ref:
         return text
     # A block's body is one level in: two or four spaces or a tab (not a cursor in mid-indentation).
-    level = cur.removeprefix(ref[: _indent(ref)]) if ref.rstrip().endswith(OPENERS) else ""
-    if _indent(cur) != _indent(ref) + len(level) or level not in ("", "  ", "    ", "\t"):
+    level = cur.removeprefix(ref[: indentation(ref)]) if ref.rstrip().endswith(OPENERS) else ""
+    if indentation(cur) != indentation(ref) + len(level) or level not in ("", "  ", "    ", "\t"):
         return text
     return "\n".join(line.removeprefix(extra) for line in text.split("\n"))
 
@@ -76,21 +77,22 @@ def limit_to_scope(text: str, head: str, tail: str) -> str:
     if len(lines) == 1 or not written:
         return text
     if cur.strip() and lines[0].strip():
-        base, strict = _indent(cur), True  # it finishes the cursor's statement (and the block that opens)
+        base, strict = indentation(cur), True  # it finishes the cursor's statement (and the block that opens)
     else:  # it starts new lines: in the block of the line above, or in the body that line opens
         ref = cur if cur.strip() else _last_code_line(above)
         strict = ref.rstrip().endswith(OPENERS)
-        base = _indent(ref) if strict else min(_indent(ref), _indent(written[0])) if ref else _indent(written[0])
+        first = indentation(written[0])
+        base = indentation(ref) if strict else min(indentation(ref), first) if ref else first
     rest, _, after = tail.partition("\n")
     below = next((s for s in after.split("\n") if s.strip()), "")
     for i, line in enumerate(lines[1:], 1):
-        if not line.strip() or _indent(line) > base or (_indent(line) == base and not strict):
+        if not line.strip() or indentation(line) > base or (indentation(line) == base and not strict):
             continue
         closing = _closes(line)
         # The suffix already closes this block: right after the cursor, or on its next line at the same level.
-        if closing and (_closes(rest) or (_closes(below) and _indent(below) == _indent(line))):
+        if closing and (_closes(rest) or (_closes(below) and indentation(below) == indentation(line))):
             return "\n".join(lines[:i]).rstrip()
-        if strict and _indent(line) == base and CONTINUES.match(line):
+        if strict and indentation(line) == base and CONTINUES.match(line):
             continue
         return "\n".join(lines[: i + closing]).rstrip()  # a closing line the suffix lacks is kept
     return text
@@ -105,7 +107,7 @@ def drop_suffix_repeats(text: str, head: str, tail: str) -> str:
     lines = text.split("\n")
     whole = [cur + lines[0], *lines[1:]]  # the lines as they will read in the document
     nonblank = [i for i, line in enumerate(whole) if line.strip()]
-    following = [_squeezed(line) for line in after.split("\n") if line.strip()][:REPEATED_LINES]
+    following = list(itertools.islice((_squeezed(line) for line in after.split("\n") if line.strip()), REPEATED_LINES))
     for n, i in enumerate(nonblank):
         ahead = [_squeezed(whole[j]) for j in nonblank[n:n + REPEATED_LINES]]
         if following and ahead[: len(following)] == following[: len(ahead)]:
@@ -220,7 +222,7 @@ def _closure(cur: str, text: str, language: str) -> str:
     ours = [line[i] for i in opened if i >= len(line) - len(text)]
     if not ours and language == "python" and text.rstrip().endswith(":"):
         last = line.rpartition("\n")[2]
-        return "\n" + last[: _indent(last)] + "    pass"
+        return "\n" + last[: indentation(last)] + "    pass"
     return "".join({"(": ")", "[": "]", "{": "}"}.get(c, c) for c in reversed(ours))
 
 
@@ -263,12 +265,7 @@ def _closes(line: str) -> bool:
 
 def _squeezed(line: str) -> tuple[str, str]:
     """A line's indentation and its code without spaces: `+= 1` and `+=1` are the same statement."""
-    code = line.lstrip(" \t")
-    return line[: len(line) - len(code)], "".join(code.split())
-
-
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" \t"))
+    return line[: indentation(line)], "".join(line.split())
 
 
 def _bytes(text: str) -> bytes:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.api import indentation
+
 from .config import Options
 from .document import Document
 
@@ -70,7 +72,7 @@ def plan_span(doc: Document, offset: int, options: Options) -> Span | None:
         opens_block = previous.endswith(BLOCK_OPENERS) or _empty_body_follows(text, offset)
     if not opens_block:
         return Span(False, line_tokens)
-    return Span(True, options.max_tokens, len(opener) - len(opener.lstrip(" \t")) + 1)
+    return Span(True, options.max_tokens, indentation(opener) + 1)
 
 
 def _empty_body_follows(text: str, offset: int) -> bool:
