@@ -35,6 +35,13 @@ class Family:
     # the leftmost masked token can be predicted, one a step, from the prefix alone (the suffix
     # shapes the answer through the language server's post-processing only).
     causal: bool = False
+    # A context-causal diffusion model (NBDiff, Fast-dLLM v2's blocks): its context attends
+    # causally, as the autoregressive model it was adapted from, and only the masked middle, last
+    # in the layout, attends both ways. Its context's keys depend on nothing after them.
+    context_causal: bool = False
+    # Suffix-prefix-middle layout (the FIM paper's SPM): `suffix SEP prefix MASK*N`, SEP being this
+    # token, so that typing at the cursor only appends to the context; "" for `prefix MASK*N suffix`.
+    spm_separator: str = ""
 
 
 # model_type in config.json -> family. Where each fact was read: tests/published.py.
@@ -64,6 +71,11 @@ FAMILIES = {
     # whole documents, whose chat turns end with <|im_end|>.
     "llama_causal": Family("llama", 1, bos=False, eos_after_suffix=False, stop_tokens=("<|im_end|>",),
                            ordering="left_to_right", causal=True),
+    # The bundled model adapted to masked-diffusion infilling (`lacuna train adapt`): SmolLM2's
+    # Llama, shifted logits, context-causal, suffix-prefix-middle with <file_sep> between them (the
+    # token its pre-training put between files of one repository).
+    "llama_spm": Family("llama", 1, bos=False, eos_after_suffix=False, stop_tokens=("<|im_end|>",),
+                        ordering="confidence", context_causal=True, spm_separator="<file_sep>"),
     # Lacuna's own models (`lacuna train`): Qwen2 blocks, shifted, [BOS] prefix masks suffix [EOS].
     "lacuna": Family("qwen2", 1, bos=True, eos_after_suffix=True, token_healing=False, ordering="left_to_right"),
 }

@@ -90,7 +90,8 @@ class Engine:
         # graphs need static shapes, so each step then feeds the whole middle (full windows)
         # rather than only the masked positions.
         if cuda_graphs is None:  # a causal model's steps of one token gain little from graphs
-            cuda_graphs = self.device.type == "cuda" and not self.config.family.causal
+            family = self.config.family  # nor is a context-causal one's block mask captured
+            cuda_graphs = self.device.type == "cuda" and not (family.causal or family.context_causal)
         self.runner = StepRunner(loaded, cuda_graphs=cuda_graphs,
                                  full_windows=cuda_graphs if full_windows is None else full_windows)
         self.scheduler = Scheduler(max_batch_rows)
@@ -235,7 +236,8 @@ class Engine:
         family = self.config.family
         return build_layout(prefix, [] if family.causal else suffix, n_tokens, mask=self.special.mask,
                             bos=self.special.bos, eos=self.special.eos, eos_after_suffix=family.eos_after_suffix,
-                            shifted=family.logit_shift == 1, max_len=self.config.max_position_embeddings)
+                            shifted=family.logit_shift == 1, max_len=self.config.max_position_embeddings,
+                            separator=self.special.separator)
 
     def complete(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> list[Completion]:
         return self.submit(prefix, suffix, n_tokens, **kwargs).result()

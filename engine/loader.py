@@ -54,6 +54,7 @@ class SpecialIds:
     bos: int | None  # the BOS the infill layout starts with; None where the family's has none
     stops: tuple[int, ...] = ()  # more ids that end an infill (DiffuCoder's <|dlm_pad|>)
     banned: tuple[int, ...] = ()  # ids never predicted besides the mask (DreamOn's expand, unused rows)
+    separator: int | None = None  # between suffix and prefix in a suffix-prefix-middle layout
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -118,8 +119,14 @@ def _special_ids(tokenizer: Tokenizer, family: Family, config: dict, generation:
     if expand is not None:
         log.warning("%s: DreamOn's expand token is never predicted; infills have the length the server asks for, "
                     "and an EOS inside one ends it (DreamOn's delete)", EXPAND_TOKEN)
+    separator = None
+    if family.spm_separator:
+        separator = tokenizer.token_to_id(family.spm_separator)
+        if separator is None:
+            raise CheckpointError(f"the tokenizer lacks {family.spm_separator}, which this family's layout puts "
+                                  "between the suffix and the prefix")
     return SpecialIds(mask=mask, eos=eos, pad=eos if pad is None else pad, bos=find("bos") if family.bos else None,
-                      stops=stops, banned=() if expand is None else (expand,))
+                      stops=stops, banned=() if expand is None else (expand,), separator=separator)
 
 
 def _check_ids_fit(tokenizer_rows: int, special: SpecialIds, rows: int) -> None:

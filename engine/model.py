@@ -189,7 +189,8 @@ class Transformer(nn.Module):
         self.context_dtype: torch.dtype | None = None
 
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache | None, *, rows: Tensor | None = None,
-                kv_len: int | None = None, attn_mask: Tensor | None = None, causal: bool = False) -> Tensor:
+                kv_len: int | None = None, attn_mask: Tensor | None = None, causal: bool = False,
+                block_start: Tensor | None = None) -> Tensor:
         """Hidden states (batch, len, hidden) of `tokens` at `positions` (both (batch, len)).
 
         Keys and values are written into `cache` at `positions`; attention covers the first
@@ -197,7 +198,9 @@ class Transformer(nn.Module):
         (batch, 1, 1, slots) where rows are padded. Without a cache (training) attention covers
         the tokens themselves, `attn_mask` then (batch, 1, 1, len). With `rows` (indices into len), only those
         rows' hidden states are computed in the last layer and returned: every layer's keys
-        are still written, and the last layer's queries and MLP run on `rows` alone.
+        are still written, and the last layer's queries and MLP run on `rows` alone. With
+        `causal` and `block_start` (batch,), queries at that position or later see every key:
+        a context-causal model's masked middle (Family.context_causal).
         """
         x = self.model.embed_tokens(tokens)
         if self.context_dtype is not None and tokens.numel() > CONTEXT_ROWS:
@@ -211,11 +214,13 @@ class Transformer(nn.Module):
         layer_caches = zip(cache.k, cache.v) if cache is not None else [(None, None)] * len(self.model.layers)
         last = len(self.model.layers) - 1
         last_mask, last_causal = attn_mask, causal
-        if causal and (cache is not None or rows is not None):
+        if causal and (cache is not None or rows is not None or block_start is not None):
             # is_causal assumes square attention from position 0: against a cache, or for some
             # rows only, each query sees the keys at its position and before, spelled out.
             keys = torch.arange(kv_len, device=positions.device)
             seen = keys <= positions[:, None, :, None]
+            if block_start is not None:
+                seen = seen | (positions >= block_start[:, None])[:, None, :, None]
             attn_mask, causal = seen if attn_mask is None else seen & attn_mask, False
             last_mask, last_causal = attn_mask if rows is None else attn_mask[:, :, rows], False
         # Attention turns a boolean mask into an additive one in every layer: once here instead.

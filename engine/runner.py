@@ -32,8 +32,9 @@ class Context:
     cache: KVCache
     key_mask: Tensor | None  # (rows, slots); None: every slot
     since_encode: int = 0
-    # A causal model's tokens before the middle: their keys depend on nothing after them, so a
-    # later request whose context starts the same (the same file, typed on) reuses them.
+    # A causal or context-causal model's tokens before the middle: their keys depend on nothing
+    # after them, so a later request whose context starts the same (the same file, typed on)
+    # reuses them.
     context_tokens: Tensor | None = None
 
 
@@ -43,6 +44,8 @@ class StepRunner:
         self.special = loaded.special
         self.shift = self.model.config.family.logit_shift
         self.causal = self.model.config.family.causal
+        # Its context's keys depend on nothing after them either; its middle attends both ways.
+        self.context_causal = self.model.config.family.context_causal
         self.device = self.model.device
         self.cuda_graphs = cuda_graphs
         self.full_windows = full_windows
@@ -115,7 +118,8 @@ class StepRunner:
         # positions are decoded (and fed then): its masks are not fed here.
         fed = int(wanted.max()) + 1 if self.causal else longest
         hidden = self.model(tokens[:, :fed], positions[:, :fed], cache, rows=wanted,
-                            attn_mask=key_mask[:, None, None] if padded else None, causal=self.causal)
+                            attn_mask=key_mask[:, None, None] if padded else None,
+                            **self._attention([r.denoiser.start for r in batch], [len(x) for x in rows]))
         results, offset = [], 0
         for request, x, own_columns, pick in zip(batch, rows, columns, picks):
             count = len(x)
@@ -126,7 +130,7 @@ class StepRunner:
                 if count < request.n:
                     own_cache = own_cache.expand(request.n)
                     own_mask = own_mask.expand(request.n, -1) if padded else None
-                tokens = x[0, :request.denoiser.start] if self.causal else None
+                tokens = x[0, :request.denoiser.start] if self.causal or self.context_causal else None
                 self.contexts[request.id] = Context(own_cache, own_mask, context_tokens=tokens)
             results.append((request, logits.expand(request.n, -1, -1), own_columns))
             offset += count
@@ -155,9 +159,17 @@ class StepRunner:
         by_target = dict(zip(targets, (-losses.sum(-1)).tolist()))
         return [by_target[tuple(middle + suffix)] for middle in middles]
 
+    def _attention(self, starts: list[int], rows: list[int]) -> dict:
+        """The model's attention arguments for rows of requests whose middles start at `starts`."""
+        if not self.context_causal:
+            return {"causal": self.causal}
+        block = torch.tensor(starts, device=self.device).repeat_interleave(torch.tensor(rows, device=self.device))
+        return {"causal": True, "block_start": block}
+
     def _reused_tokens(self, request: Request) -> int:
-        """How many leading context tokens `request` shares with the last finished causal context
-        (whose keys it can then reuse): 0 for a bidirectional model, or without a cache."""
+        """How many leading context tokens `request` shares with the last finished context of a
+        causal or context-causal model (whose keys it can then reuse): 0 for a bidirectional
+        model, or without a cache."""
         den, last = request.denoiser, self.last_causal
         if last is None or not den.options.use_cache or den.steps:  # a re-encode feeds every candidate
             return 0
@@ -167,17 +179,19 @@ class StepRunner:
         return int(same)
 
     def _encode_after(self, request: Request, reused: int) -> tuple[Request, Tensor, Tensor]:
-        """`_encode_step` for a causal model's request whose first `reused` context tokens have
-        their keys in the last finished context: only the rest is fed."""
+        """`_encode_step` for a request whose first `reused` context tokens have their keys in
+        the last finished context: only the rest is fed."""
         den, last = request.denoiser, self.last_causal
         cache = self.model.new_cache(1, den.x.shape[1])
         for dst, src in zip(cache.k + cache.v, last.cache.k + last.cache.v):
             dst[:, :, :reused] = src[:1, :, :reused]
         columns = den.columns_to_predict()
-        # Up to the middle only: keys of masks are never read (each is fed once decoded).
-        positions = torch.arange(reused, den.start, device=self.device)[None]
-        hidden = self.model(den.x[:1, reused:den.start], positions, cache,
-                            rows=den.start - self.shift + columns - reused, causal=True)
+        # A causal model's up to the middle only: keys of masks are never read (each is fed once
+        # decoded). A context-causal model's middle is fed too: it attends to itself.
+        fed = den.start if self.causal else den.end
+        positions = torch.arange(reused, fed, device=self.device)[None]
+        hidden = self.model(den.x[:1, reused:fed], positions, cache, rows=den.start - self.shift + columns - reused,
+                            **self._attention([den.start], [1]))
         own = cache if request.n == 1 else cache.expand(request.n)
         self.contexts[request.id] = Context(own, None, context_tokens=den.x[0, :den.start])
         return request, self.model.logits(hidden).expand(request.n, -1, -1), columns
@@ -196,7 +210,8 @@ class StepRunner:
                             zip(batch, positions.split([r.n for r in batch]))])
         mask = key_mask[:, None, None] if key_mask is not None else None
         wanted, picks = _union([rows for _, rows, _ in windows])
-        hidden = self.model(tokens, positions, cache, rows=wanted, attn_mask=mask, causal=self.causal)
+        hidden = self.model(tokens, positions, cache, rows=wanted, attn_mask=mask,
+                            **self._attention([r.denoiser.start for r in batch], [r.n for r in batch]))
         results, offset = [], 0
         for request, (_, _, columns), pick in zip(batch, windows, picks):
             logits = self.model.logits(hidden[offset:offset + request.n, pick])

