@@ -46,8 +46,17 @@ from ..packed import pack
 from ..sampler import build_layout
 from .corpus import TrainingError, read_corpus
 from .objective import SERVER_OPTIONS, _hole
-from .train import (HELDOUT_EVERY, LOSS_FIELDS, STATE_JSON, _rewrite_loss_log, _seed, cpu_has_bf16, hardware,
-                    load_train_state, save_train_state)
+from .train import (
+    HELDOUT_EVERY,
+    LOSS_FIELDS,
+    STATE_JSON,
+    _rewrite_loss_log,
+    _seed,
+    cpu_has_bf16,
+    hardware,
+    load_train_state,
+    save_train_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -359,9 +368,9 @@ def adapt(corpus_dir: str | Path, out_dir: str | Path, *, init: str | Path | Non
             save()
             raise
     save()
-    stats = {**meta_now(), "parameters": config.parameters, "tokens_per_second": round(tokens_seen / max(elapsed, 1e-9)),
-             "hardware": hardware(torch.device("cpu")), "precision": "bf16 autocast" if bf16 else "fp32",
-             "corpus": corpus_stats,
+    stats = {**meta_now(), "parameters": config.parameters,
+             "tokens_per_second": round(tokens_seen / max(elapsed, 1e-9)), "hardware": hardware(torch.device("cpu")),
+             "precision": "bf16 autocast" if bf16 else "fp32", "corpus": corpus_stats,
              "heldout": heldout_accuracy(model, heldout, tokenizer, loaded, attention, seq_len, heldout_rows)}
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
     return stats
