@@ -9,6 +9,8 @@ changes only through its own methods.
 
 from __future__ import annotations
 
+import itertools
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,10 @@ from .model import KVCache
 from .scheduler import Request
 
 MAX_GRAPHS = 8  # captured step graphs kept, the least recently used dropped first
+# Memory for the keys of finished contexts kept for reuse (ContextStore): 256 MiB holds about
+# 5,500 tokens of the bundled model's (46 KB a token in fp32), a few files' worth.
+CONTEXT_STORE_BYTES = 256 * 2**20
+MIN_REUSE = 16  # fewer shared tokens are encoded again: copying their keys saves nothing
 
 
 @dataclass
@@ -50,14 +56,14 @@ class StepRunner:
         self.cuda_graphs = cuda_graphs
         self.full_windows = full_windows
         self.contexts: dict[int, Context] = {}  # by request id
-        self.last_causal: Context | None = None  # a causal model's last finished context
+        self.store = ContextStore()  # finished contexts whose keys a later request may reuse
         self.graphs: dict[tuple, StepGraph] = {}
         self._merged = None  # (request ids, merged cache, key mask) of the last window batch
 
     def forget(self, request_id: int) -> None:
         context = self.contexts.pop(request_id, None)
         if context is not None and context.context_tokens is not None:
-            self.last_causal = context
+            self.store.add(context)
 
     def reset(self) -> None:
         """After a failed step: no merged cache survives it."""
@@ -75,9 +81,9 @@ class StepRunner:
             (encode if stale else window).append(request)
         results, failed = [], []
         for request in list(encode):
-            reused = self._reused_tokens(request)
+            kept, reused = self._reusable(request)
             if reused:
-                results.append(self._encode_after(request, reused))
+                results.append(self._encode_after(request, kept, reused))
                 encode.remove(request)
         if encode:
             results += self._encode_step(encode)
@@ -166,24 +172,21 @@ class StepRunner:
         block = torch.tensor(starts, device=self.device).repeat_interleave(torch.tensor(rows, device=self.device))
         return {"causal": True, "block_start": block}
 
-    def _reused_tokens(self, request: Request) -> int:
-        """How many leading context tokens `request` shares with the last finished context of a
-        causal or context-causal model (whose keys it can then reuse): 0 for a bidirectional
-        model, or without a cache."""
-        den, last = request.denoiser, self.last_causal
-        if last is None or not den.options.use_cache or den.steps:  # a re-encode feeds every candidate
-            return 0
+    def _reusable(self, request: Request) -> tuple[Context | None, int]:
+        """The kept context whose keys `request` can reuse, and for how many leading context
+        tokens: none for a bidirectional model, or without a cache."""
+        den = request.denoiser
+        if not (self.causal or self.context_causal) or not den.options.use_cache or den.steps:
+            return None, 0  # (a re-encode feeds every candidate)
         # The last context token is always fed: it predicts the first masked one.
-        n = min(len(last.context_tokens), den.start - 1)
-        same = (last.context_tokens[:n] == den.x[0, :n]).int().cumprod(0).sum()
-        return int(same)
+        return self.store.longest(den.x[0, :den.start - 1])
 
-    def _encode_after(self, request: Request, reused: int) -> tuple[Request, Tensor, Tensor]:
+    def _encode_after(self, request: Request, kept: Context, reused: int) -> tuple[Request, Tensor, Tensor]:
         """`_encode_step` for a request whose first `reused` context tokens have their keys in
-        the last finished context: only the rest is fed."""
-        den, last = request.denoiser, self.last_causal
+        the `kept` context: only the rest is fed."""
+        den = request.denoiser
         cache = self.model.new_cache(1, den.x.shape[1])
-        for dst, src in zip(cache.k + cache.v, last.cache.k + last.cache.v):
+        for dst, src in zip(cache.k + cache.v, kept.cache.k + kept.cache.v):
             dst[:, :, :reused] = src[:1, :, :reused]
         columns = den.columns_to_predict()
         # A causal model's up to the middle only: keys of masks are never read (each is fed once
@@ -272,6 +275,58 @@ class StepRunner:
             offset = end
         self._merged = (key, merged, key_mask)
         return merged, key_mask
+
+
+class ContextStore:
+    """The keys of finished contexts of a causal or context-causal model, by their token ids,
+    within `max_bytes`, the least recently used dropped first (llama.cpp's prompt cache, SGLang's
+    radix cache in a flat list): a request reuses those of the longest context its own starts
+    with, and encodes only the rest. Exact: such keys depend on nothing after them."""
+
+    def __init__(self, max_bytes: int = CONTEXT_STORE_BYTES):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[int, Context] = OrderedDict()
+        self._ids = itertools.count()
+
+    @property
+    def bytes(self) -> int:
+        return sum(_cache_bytes(c.cache) for c in self.entries.values())
+
+    def add(self, context: Context) -> None:
+        """Keep `context`'s keys of its context tokens (one row, a copy); a kept context that
+        starts it whole is dropped, as this one covers it."""
+        tokens = context.context_tokens.clone()  # not a view that holds a request's rows
+        n = len(tokens)
+        for key, kept in list(self.entries.items()):
+            m = len(kept.context_tokens)
+            if m <= n and torch.equal(kept.context_tokens, tokens[:m]):
+                del self.entries[key]
+        cache = KVCache.of(*([t[:1, :, :n].clone() for t in ts] for ts in (context.cache.k, context.cache.v)))
+        if _cache_bytes(cache) > self.max_bytes:
+            return
+        self.entries[next(self._ids)] = Context(cache, None, context_tokens=tokens)
+        while self.bytes > self.max_bytes:
+            self.entries.popitem(last=False)
+
+    def longest(self, tokens: Tensor) -> tuple[Context | None, int]:
+        """The kept context sharing the most leading tokens with `tokens` (at least MIN_REUSE),
+        and how many."""
+        best, best_key, most = None, None, 0
+        for key, kept in self.entries.items():
+            n = min(len(kept.context_tokens), len(tokens))
+            same = int((kept.context_tokens[:n] == tokens[:n]).int().cumprod(0).sum())
+            if same > max(most, MIN_REUSE - 1):
+                best, best_key, most = kept, key, same
+        if best_key is not None:
+            self.entries.move_to_end(best_key)
+        return best, most
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def _cache_bytes(cache: KVCache) -> int:
+    return sum(t.numel() * t.element_size() for t in cache.k + cache.v)
 
 
 def _pad_window(positions: Tensor, width: int) -> Tensor:

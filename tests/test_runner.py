@@ -8,11 +8,15 @@ from concurrent.futures import CancelledError, Future
 import pytest
 import torch
 from conftest import LLAMA
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from engine.api import DecodeOptions, EngineError
+from engine.config import PRESETS
 from engine.engine import Engine, context_speed
 from engine.loader import load_checkpoint, random_model
+from engine.sampler import dream_schedule
 
 CAUSAL = dataclasses.replace(LLAMA, model_type="llama_causal")  # the bundled model's family, tiny
 PREFIX = "def mean(values):\n    total = sum(values)\n    return "
@@ -242,7 +246,7 @@ async def test_cancelling_an_async_infill_stops_and_frees_it(engine):
 
 
 def test_time_budget_returns_what_is_decoded(engine):
-    nothing, = engine.complete(PREFIX, SUFFIX, 16, time_budget=0)
+    nothing, = engine.complete(PREFIX, SUFFIX, 16, time_budget=1e-9)  # over before the worker sees it
     assert (nothing.text, nothing.steps, nothing.finish_reason) == ("", 0, "budget")
     slow = DecodeOptions(policy="steps", use_cache=False)
     partial, = engine.complete(PREFIX * 40, SUFFIX, 200, options=slow, time_budget=0.3)
@@ -256,6 +260,12 @@ def test_bad_requests_get_clear_errors(engine):
             engine.submit(PREFIX, SUFFIX, n_tokens)
     with pytest.raises(ValueError, match="n must"):
         engine.submit(PREFIX, SUFFIX, 4, n=0)
+    with pytest.raises(ValueError, match=r"steps \(5\) must not be more than the 4 masked tokens"):
+        engine.submit(PREFIX, SUFFIX, 4, options=DecodeOptions(policy="steps", steps=5))
+    for budget in (0, -1, 60.5, float("nan")):
+        with pytest.raises(ValueError, match="time_budget"):
+            engine.submit(PREFIX, SUFFIX, 4, time_budget=budget)
+    assert engine.complete(PREFIX, SUFFIX, 4, options=DecodeOptions(policy="steps", steps=4), time_budget=60)
     assert engine.complete("", "", 4)[0].steps >= 1
     assert engine.complete("", SUFFIX, 4)[0].steps >= 1
     assert engine.complete(PREFIX, "", 4)[0].steps >= 1
@@ -323,7 +333,7 @@ CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("options", [
     DecodeOptions(policy="fixed", tokens_per_step=3),
-    DecodeOptions(policy="steps", steps=6, refresh_every=3),
+    DecodeOptions(policy="steps", steps=5, refresh_every=3),
     DecodeOptions(policy="threshold", threshold=0.005),
 ])
 def test_graphed_steps_match_eager_full_windows(device, options):
@@ -350,3 +360,82 @@ def test_graphed_steps_match_eager_full_windows(device, options):
 
 def test_lone_surrogates_in_the_context(engine):
     assert engine.complete("x = '\udcff' + ", "\n", 4)[0].steps >= 1
+
+
+REUSE_FILE = PREFIX + "total / len(values)\n\n\ndef median(values):\n    ordered = sorted(values)\n    return ordered\n"
+
+
+@pytest.fixture(scope="module")
+def reuse_engines():
+    engines = [Engine(random_model(CAUSAL, dtype=torch.float64, seed=5), warmup=False) for _ in range(2)]
+    yield engines
+    for engine in engines:
+        engine.close()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.sampled_from(["insert", "delete", "jump"]), st.integers(0, 10**4),
+                                st.text(alphabet="ab (),:\n", min_size=1, max_size=5)), min_size=1, max_size=6))
+def test_contexts_reused_across_edits_give_what_encoding_from_scratch_gives(reuse_engines, edits):
+    """Typing, deleting and jumping elsewhere in a file: the engine that keeps the contexts it
+    encoded (ContextStore) answers every request as one that encodes each from scratch."""
+    reusing, fresh = reuse_engines
+    text, cursor = REUSE_FILE, len(PREFIX)
+    options = DecodeOptions(min_tokens=4)
+    for kind, at, typed in edits:
+        if kind == "insert":
+            text, cursor = text[:cursor] + typed + text[cursor:], cursor + len(typed)
+        elif kind == "delete":
+            gone = min(cursor, len(typed))
+            text, cursor = text[:cursor - gone] + text[cursor:], cursor - gone
+        else:
+            cursor = at % (len(text) + 1)
+        fresh.runner.store.clear()
+        got = reusing.complete(text[:cursor], text[cursor:], 4, options=options)
+        assert [c.token_ids for c in got] == [c.token_ids for c in fresh.complete(text[:cursor], text[cursor:], 4,
+                                                                                    options=options)]
+    assert reusing.runner.store.entries  # contexts are kept ...
+    assert reusing.runner.store.bytes <= reusing.runner.store.max_bytes  # ... within their memory
+
+
+def test_the_context_store_keeps_the_longest_and_drops_the_least_recently_used():
+    engine = Engine(random_model(CAUSAL, seed=5), warmup=False)
+    try:
+        store = engine.runner.store
+        engine.complete("def f(x):\n    return x", "", 2)
+        engine.complete("def f(x):\n    return x + 1", "", 2)  # covers the first: it is dropped
+        assert len(store.entries) == 1
+        engine.complete("class A:\n    pass", "", 2)
+        assert len(store.entries) == 2
+        query = engine.layout(engine.encode("def f(x):\n    return x + 12"), [], 1)
+        kept, n = store.longest(torch.tensor(query.tokens[:query.start]))
+        assert n == len(kept.context_tokens) > len(engine.encode("def f(x):\n    return x"))  # the longer one's
+        store.max_bytes = store.bytes - 1  # room for one context less: the least recently used goes
+        engine.complete("import os", "", 2)
+        assert len(store.entries) == 2 and any(c is kept for c in store.entries.values())  # "class A" went
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("steps", [None, 5, 9])
+def test_a_dream_model_decodes_by_dreams_schedule_graphed_as_eager(device, steps):
+    """The Dream family's "steps" policy counts as Dream's decoder does; the CUDA-graph path, which
+    reads each step's count ahead, steps as the eager one."""
+    loaded = random_model(dataclasses.replace(PRESETS["tiny"], model_type="dream"), device=device,
+                          dtype=torch.float64, seed=3)
+    options = DecodeOptions(policy="steps", steps=steps)
+    graphed, eager = Engine(loaded, cuda_graphs=True), Engine(loaded, cuda_graphs=False, full_windows=True)
+    try:
+        request = eager.submit(PREFIX, SUFFIX, 24, options=options)
+        request.result(timeout=60)
+        assert request.denoiser.schedule == [c for c in dream_schedule(24, steps or 24) if c]
+        for prefix, n in ((PREFIX, 24), ("x" * 300 + PREFIX, 24), ("", 5)):
+            options = DecodeOptions(policy="steps", steps=min(steps or n, n))
+            got = graphed.complete(prefix, SUFFIX, n, n=2, options=options)
+            want = eager.complete(prefix, SUFFIX, n, n=2, options=options)
+            assert [(c.token_ids, c.steps) for c in got] == [(c.token_ids, c.steps) for c in want]
+        assert graphed.runner.graphs
+    finally:
+        graphed.close()
+        eager.close()

@@ -187,12 +187,12 @@ def adapt_loss(model: Transformer, rows: Rows, mask_id: int, attention: str, ar_
     hidden = model(tokens, positions, None, **attention_mask(rows, attention))
     r, c = rows.masked.nonzero(as_tuple=True)
     diffusion = F.cross_entropy(model.logits(hidden[r, c - 1]), rows.tokens[r, c])
-    parts = {"masked_ce": float(diffusion)}
+    parts = {"masked_ce": float(diffusion.detach())}
     loss = diffusion
     if attention == "context_causal" and ar_weight > 0:
         r, c = rows.context.nonzero(as_tuple=True)
         ar = F.cross_entropy(model.logits(hidden[r, c - 1]), rows.tokens[r, c])
-        parts["ar_ce"] = float(ar)
+        parts["ar_ce"] = float(ar.detach())
         loss = loss + ar_weight * ar
     return loss, parts
 
@@ -255,7 +255,7 @@ def release(model: Transformer, loaded: LoadedModel, directory: Path, meta: dict
         path.chmod(0o644)
 
 
-def _start(init: Path, attention: str) -> LoadedModel:
+def start_from(init: Path, attention: str) -> LoadedModel:
     """The starting release as a float model of the adapted family."""
     try:
         loaded = load_checkpoint(init)
@@ -274,7 +274,7 @@ def _start(init: Path, attention: str) -> LoadedModel:
 
 def adapt(corpus_dir: str | Path, out_dir: str | Path, *, init: str | Path | None = None,
           attention: str = "context_causal", minutes: float | None = None, steps: int | None = None,
-          batch_size: int = 8, seq_len: int = 512, lr: float = 2e-4, warmup_steps: int = 100,
+          batch_size: int = 8, seq_len: int = 512, lr: float = 2e-4, warmup_steps: int = 20,
           ar_weight: float = 0.5, weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
           save_every_minutes: float = 10.0, heldout_rows: int = 64, state_dir: str | Path | None = None,
           threads: int | None = None) -> dict:
@@ -294,7 +294,7 @@ def adapt(corpus_dir: str | Path, out_dir: str | Path, *, init: str | Path | Non
     texts, corpus_stats = read_corpus(corpus_dir)
     heldout = texts[::HELDOUT_EVERY]
     texts = [t for i, t in enumerate(texts) if i % HELDOUT_EVERY] or heldout
-    loaded = _start(Path(init or BUNDLED_DIR), attention)
+    loaded = start_from(Path(init or BUNDLED_DIR), attention)
     model = loaded.model.train()
     config, tokenizer = model.config, loaded.tokenizer
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
@@ -309,7 +309,7 @@ def adapt(corpus_dir: str | Path, out_dir: str | Path, *, init: str | Path | Non
             restart = out_dir / "model"
             if not (restart / "training.json").exists():
                 raise
-            loaded = _start(restart, attention)
+            loaded = start_from(restart, attention)
             model.load_state_dict(loaded.model.state_dict())
             meta = json.loads((restart / "training.json").read_text())
             step, elapsed, tokens_seen = meta["step"], meta["elapsed_seconds"], meta["tokens_seen"]
@@ -347,19 +347,20 @@ def adapt(corpus_dir: str | Path, out_dir: str | Path, *, init: str | Path | Non
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
-                if not math.isfinite(float(loss)):
-                    raise TrainingError(f"the loss became {float(loss)} at step {step + 1}; the state in {state_dir} "
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingError(f"the loss became {loss_value} at step {step + 1}; the state in {state_dir} "
                                         "is intact (lower lr to go on)")
                 optimizer.step()
                 step += 1
                 tokens_seen += rows.tokens_seen
                 elapsed += time.perf_counter() - started
-                writer.writerow({"step": step, "tokens": tokens_seen, "loss": round(float(loss), 5),
+                writer.writerow({"step": step, "tokens": tokens_seen, "loss": round(loss_value, 5),
                                  "lr": f"{optimizer.param_groups[0]['lr']:.3g}", "grad_norm": round(grad_norm, 3),
                                  "seconds": round(elapsed, 1), **{k: round(v, 5) for k, v in parts.items()}})
                 log_file.flush()
                 if step % 10 == 0 or step == 1:
-                    log.info("step %d loss %.4f %s %.0f tok/s", step, float(loss),
+                    log.info("step %d loss %.4f %s %.0f tok/s", step, loss_value,
                              " ".join(f"{k} {v:.3f}" for k, v in parts.items()), tokens_seen / max(elapsed, 1e-9))
                 if time.perf_counter() - last_save >= save_every_minutes * 60:
                     save()
@@ -380,7 +381,7 @@ def ar_baseline(corpus_dir: str | Path, init: str | Path = BUNDLED_DIR, seq_len:
     """The autoregressive model's accuracy on the tokens that `heldout_accuracy` scores as `next`,
     each from the prefix and the middle before it (it reads no suffix)."""
     texts, _ = read_corpus(corpus_dir)
-    loaded = _start(Path(init), "context_causal")
+    loaded = start_from(Path(init), "context_causal")
     model = loaded.model.eval()
     sampler = RowSampler(texts[::HELDOUT_EVERY], loaded.tokenizer, loaded, "context_causal", seq_len, seed=12345)
     right = count = 0
