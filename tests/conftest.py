@@ -38,6 +38,26 @@ LLAMA = dataclasses.replace(PRESETS["tiny"], model_type="llada", qkv_bias=False,
 
 
 @pytest.fixture(scope="session")
+def tiny_causal_release(tmp_path_factory):
+    """A tiny random causal Llama with the bundled model's tokenizer and special ids: what
+    `lacuna train adapt` and the GPU job start from, small."""
+    from tokenizers import Tokenizer
+
+    from engine.config import ModelConfig
+    from engine.loader import BUNDLED_DIR, LoadedModel, SpecialIds
+    from engine.model import Transformer
+    from engine.training.train import init_weights
+
+    path = tmp_path_factory.mktemp("tiny-causal")
+    model = Transformer(ModelConfig("llama_causal", 17696, 64, 128, 2, 4, 2, 16, 1024, rope_theta=100000.0,
+                                    tie_embeddings=True))
+    init_weights(model, seed=0)
+    tokenizer = Tokenizer.from_file(str(BUNDLED_DIR / "tokenizer.json"))
+    save_checkpoint(LoadedModel(model.eval(), tokenizer, SpecialIds(mask=16, eos=0, pad=0, bos=None), "tiny"), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """Tiny random-weight checkpoints of both families, written in the Hugging Face layout."""
     paths = {}

@@ -9,20 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer
 
 from engine.api import DecodeOptions
-from engine.config import ModelConfig
 from engine.engine import Engine
-from engine.loader import BUNDLED_DIR, LoadedModel, SpecialIds, load_checkpoint, save_checkpoint
-from engine.model import Transformer
+from engine.loader import LoadedModel, load_checkpoint
 from engine.sampler import build_layout
 from engine.training.adapt import RowSampler, adapt, adapt_loss, attention_mask, heldout_accuracy, start_from
 from engine.training.corpus import TrainingError, read_corpus
-from engine.training.train import init_weights
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-TINY = ModelConfig("llama_causal", 17696, 64, 128, 2, 4, 2, 16, 1024, rope_theta=100000.0, tie_embeddings=True)
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +30,8 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    """A tiny causal Llama with the bundled tokenizer, as the bundled release is laid out."""
-    path = tmp_path_factory.mktemp("tiny-causal")
-    model = Transformer(TINY)
-    init_weights(model, seed=0)
-    tokenizer = Tokenizer.from_file(str(BUNDLED_DIR / "tokenizer.json"))
-    save_checkpoint(LoadedModel(model.eval(), tokenizer, SpecialIds(mask=16, eos=0, pad=0, bos=None), "tiny"), path)
-    return path
+def release(tiny_causal_release):
+    return tiny_causal_release
 
 
 def loaded_spm(release) -> LoadedModel:

@@ -652,9 +652,10 @@ def test_bundled_config_fits_64_mb():
 # -- the GPU job, run small on the CPU ---------------------------------------------------------
 
 @pytest.mark.slow  # the whole GPU job, rehearsed on the CPU
-def test_gpu_job_trains_evaluates_and_releases_within_the_limits(corpus, tmp_path):
-    """The whole job as the GPU machine runs it (carried gzipped shards, training, HumanEval
-    single-line, the release), tiny and on the CPU so that its first real run works."""
+def test_gpu_job_trains_evaluates_and_releases_within_the_limits(corpus, tiny_causal_release, tmp_path):
+    """The whole job as the GPU machine runs it (starting weights staged beside it, carried gzipped
+    shards, the adaptation, HumanEval single-line, the release), tiny and on the CPU so that its
+    first real run works."""
     import importlib.util
 
     from engine.training import gpu_job
@@ -665,19 +666,19 @@ def test_gpu_job_trains_evaluates_and_releases_within_the_limits(corpus, tmp_pat
     packed = pack_shards(corpus_dir, tmp_path / "shards", max_bytes=1 << 20)
     assert packed["documents"] == packed["of"] > 0 and packed["gzip_bytes"] <= 1 << 20
     out = tmp_path / "out"
-    report = gpu_job.run(out, [tmp_path / "shards"], config="tiny", minutes=0.15, eval_tasks=5, device="cpu",
-                         batch_size=8, seq_len=128, tokenizer=tokenizer, work_dir=tmp_path / "work")
+    report = gpu_job.run(out, [tmp_path / "shards"], init=tiny_causal_release, minutes=0.15, eval_tasks=5,
+                         device="cpu", batch_size=4, seq_len=128, work_dir=tmp_path / "work")
     files = list(out.iterdir())
     assert len(files) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in files)
     assert {f.name for f in files} >= {"config.json", "tokenizer.json", "model.safetensors", "report.json"}
     assert report["humaneval_single_line"]["tasks"] == 5 and "pass@1" in report["humaneval_single_line"]
-    assert report["train"]["steps"] > 0 and report["loss_curve"]
-    assert json.loads((out / "report.json").read_text())["train"]["steps"] == report["train"]["steps"]
-    assert load_checkpoint(out).model.config == TINY_CONFIG
+    assert report["train"]["step"] > 0 and report["loss_curve"] and report["train"]["heldout"]["next"]["tokens"]
+    assert json.loads((out / "report.json").read_text())["train"]["step"] == report["train"]["step"]
+    assert load_checkpoint(out).model.config.model_type == "llama_spm"
 
 
 @pytest.mark.slow  # the whole GPU job, rehearsed on the CPU
-def test_gpu_job_cut_by_its_time_limit_leaves_its_last_release(corpus, tmp_path):
+def test_gpu_job_cut_by_its_time_limit_leaves_its_last_release(corpus, tiny_causal_release, tmp_path):
     import signal
     import subprocess
     import sys
@@ -688,8 +689,8 @@ def test_gpu_job_cut_by_its_time_limit_leaves_its_last_release(corpus, tmp_path)
     pack_shards(corpus_dir, tmp_path / "shards", max_bytes=1 << 20)
     out = tmp_path / "out"
     script = (f"from engine.training import gpu_job; gpu_job.run({str(out)!r}, [{str(tmp_path / 'shards')!r}], "
-              f"config='tiny', minutes=10, eval_tasks=0, device='cpu', batch_size=4, seq_len=64, "
-              f"tokenizer={str(tokenizer)!r}, save_every_minutes=0.02)")
+              f"init={str(tiny_causal_release)!r}, minutes=10, eval_tasks=0, device='cpu', batch_size=2, "
+              f"seq_len=128, save_every_minutes=0.02)")
     job = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parent.parent)
     try:
         deadline = time.time() + 90
@@ -699,7 +700,7 @@ def test_gpu_job_cut_by_its_time_limit_leaves_its_last_release(corpus, tmp_path)
     finally:
         job.send_signal(signal.SIGKILL)
         job.wait()
-    assert load_checkpoint(out).model.config == TINY_CONFIG  # whole, never half-written
+    assert load_checkpoint(out).model.config.model_type == "llama_spm"  # whole, never half-written
 
 
 @pytest.mark.slow  # a minute of training

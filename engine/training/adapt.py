@@ -25,8 +25,13 @@ import csv
 import json
 import logging
 import math
+import multiprocessing
+import os
 import random
 import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +55,9 @@ from .train import (
     HELDOUT_EVERY,
     LOSS_FIELDS,
     STATE_JSON,
+    _process_batch,
     _rewrite_loss_log,
-    _seed,
+    _start_batch_process,
     cpu_has_bf16,
     hardware,
     load_train_state,
@@ -79,6 +85,10 @@ class Rows:
     def tokens_seen(self) -> int:
         return int(self.length.sum())
 
+    def to(self, device) -> Rows:
+        return Rows(*(t.to(device) for t in (self.tokens, self.length, self.start, self.end, self.masked,
+                                              self.context)), self.kinds)
+
 
 class RowSampler:
     """Training rows for step `step`: a pure function of (seed, step), so a resumed run sees the
@@ -88,6 +98,8 @@ class RowSampler:
                  seed: int = 0, shares: tuple[float, float, float] = (0.7, 0.2, 0.1)):
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
+        if seq_len < 2 * SERVER_OPTIONS.max_tokens:  # room for a block's middle and its context
+            raise ValueError(f"seq_len must be at least {2 * SERVER_OPTIONS.max_tokens}, not {seq_len}")
         self.texts, self.tokenizer, self.special = texts, tokenizer, loaded.special
         self.separator = tokenizer.token_to_id("<file_sep>") if attention == "context_causal" else None
         self.attention, self.seq_len, self.seed, self.shares = attention, seq_len, seed, shares
@@ -169,7 +181,7 @@ class RowSampler:
 def attention_mask(rows: Rows, attention: str) -> dict:
     """The model's attention arguments: real keys only, and for context-causal rows a causal
     context with the middle attending both ways."""
-    valid = torch.arange(rows.tokens.shape[1]) < rows.length[:, None]
+    valid = torch.arange(rows.tokens.shape[1], device=rows.tokens.device) < rows.length[:, None]
     if attention == "context_causal":
         return {"attn_mask": valid[:, None, None, :], "causal": True, "block_start": rows.start}
     return {"attn_mask": valid[:, None, None, :], "causal": False}
@@ -183,7 +195,7 @@ def adapt_loss(model: Transformer, rows: Rows, mask_id: int, attention: str, ar_
     """The mean cross-entropy of the masked middle tokens (shifted: position j-1 predicts token j),
     plus `ar_weight` times the context's autoregressive loss (context-causal only)."""
     tokens = noisy(rows, mask_id)
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     hidden = model(tokens, positions, None, **attention_mask(rows, attention))
     r, c = rows.masked.nonzero(as_tuple=True)
     diffusion = F.cross_entropy(model.logits(hidden[r, c - 1]), rows.tokens[r, c])
@@ -200,35 +212,39 @@ def adapt_loss(model: Transformer, rows: Rows, mask_id: int, attention: str, ar_
 @torch.no_grad()
 def heldout_accuracy(model: Transformer, texts: list[str], tokenizer: Tokenizer, loaded: LoadedModel,
                      attention: str, seq_len: int, rows: int = 64) -> dict:
-    """Accuracy of middle tokens on held-out rows (every masked one, the middle masked at 15%,
-    50% and 100%, and `next`: the first masked one when the middle is masked from a point on, the
-    token left-to-right decoding takes), by row kind too."""
+    """Accuracy of middle tokens on held-out rows: every masked one with the middle masked at
+    15%, 50% and 100%, and `next`, the first masked one when the middle is masked from a point on
+    (the token left-to-right decoding takes); overall and by row kind (hole, span, end)."""
     was = model.training
     model.eval()
     sampler = RowSampler(texts, tokenizer, loaded, attention, seq_len, seed=12345)
     batches = [sampler.batch(i, 8) for i in range(0, rows, 8)]
     report = {}
     for name in ("0.15", "0.5", "1", "next"):
-        right = count = 0
+        right, count = Counter(), Counter()
         for i, batch in enumerate(batches):
             gen = torch.Generator().manual_seed(i)  # ar_baseline draws the same `next` cuts
-            middle = torch.zeros_like(batch.masked)
-            for b in range(len(batch.kinds)):
-                middle[b, batch.start[b]:batch.end[b]] = True
+            columns = torch.arange(batch.tokens.shape[1])
+            middle = (columns >= batch.start[:, None]) & (columns < batch.end[:, None])
             if name == "next":
                 cut = batch.start + (torch.rand(len(batch.kinds), generator=gen) * (batch.end - batch.start)).long()
-                masked = middle & (torch.arange(middle.shape[1]) >= cut[:, None])
-                score = masked & (torch.arange(middle.shape[1]) == cut[:, None])
+                masked, score = middle & (columns >= cut[:, None]), columns == cut[:, None]
             else:
                 masked = middle & (torch.rand(middle.shape, generator=gen) < float(name))
                 score = masked
             probe = Rows(batch.tokens, batch.length, batch.start, batch.end, masked, batch.context, batch.kinds)
-            positions = torch.arange(probe.tokens.shape[1]).expand_as(probe.tokens)
+            probe = probe.to(model.device)
+            positions = torch.arange(probe.tokens.shape[1], device=model.device).expand_as(probe.tokens)
             hidden = model(noisy(probe, loaded.special.mask), positions, None, **attention_mask(probe, attention))
             r, c = score.nonzero(as_tuple=True)
-            right += int((model.logits(hidden[r, c - 1]).argmax(-1) == batch.tokens[r, c]).sum())
-            count += len(r)
-        report[name] = {"accuracy": round(right / max(count, 1), 4), "tokens": count}
+            hits = (model.logits(hidden[r.to(model.device), c.to(model.device) - 1]).argmax(-1).cpu()
+                    == batch.tokens[r, c])
+            for row, hit in zip(r.tolist(), hits.tolist()):
+                right[batch.kinds[row]] += hit
+                count[batch.kinds[row]] += 1
+        report[name] = {"accuracy": round(sum(right.values()) / max(sum(count.values()), 1), 4),
+                        "tokens": sum(count.values()),
+                        "by_kind": {k: round(right[k] / count[k], 4) for k in sorted(count)}}
     model.train(was)
     return report
 
@@ -272,18 +288,20 @@ def start_from(init: Path, attention: str) -> LoadedModel:
     return LoadedModel(model.float(), loaded.tokenizer, special, name="lacuna-adapted")
 
 
-def adapt(corpus_dir: str | Path, out_dir: str | Path, *, init: str | Path | None = None,
+def adapt(corpus_dir: str | Path | Sequence[str | Path], out_dir: str | Path, *, init: str | Path | None = None,
           attention: str = "context_causal", minutes: float | None = None, steps: int | None = None,
           batch_size: int = 8, seq_len: int = 512, lr: float = 2e-4, warmup_steps: int = 20,
           ar_weight: float = 0.5, weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
           save_every_minutes: float = 10.0, heldout_rows: int = 64, state_dir: str | Path | None = None,
-          threads: int | None = None) -> dict:
+          threads: int | None = None, device: str | None = None,
+          on_release: Callable[[Path], None] | None = None) -> dict:
     """Train the adaptation for `minutes` (this stretch) or up to `steps` in all, resuming from
     `out_dir/train-state`; write the release to `out_dir/model` at every save, the loss log to
     `out_dir/loss.csv` and the held-out accuracies to `out_dir/stats.json`. The learning rate
     warms up then stays constant, so that a run can go on across stretches of work. `threads`:
     torch's CPU threads (one leaves a core to other work: with two threads on two busy cores every
-    parallel region waits for the descheduled one, and a step took 2-3x one thread's time)."""
+    parallel region waits for the descheduled one, and a step took 2-3x one thread's time).
+    `on_release` gets the release directory each time it is written."""
     if minutes is None and steps is None:
         raise ValueError("give minutes or steps")
     if threads:
@@ -291,13 +309,22 @@ def adapt(corpus_dir: str | Path, out_dir: str | Path, *, init: str | Path | Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dir = Path(state_dir) if state_dir else out_dir / "train-state"
-    texts, corpus_stats = read_corpus(corpus_dir)
+    texts, corpus_stats = [], {}
+    for directory in [corpus_dir] if isinstance(corpus_dir, (str, Path)) else corpus_dir:
+        more, stats = read_corpus(directory)
+        texts += more
+        corpus_stats = {k: corpus_stats.get(k, 0) + v for k, v in stats.items()}
     heldout = texts[::HELDOUT_EVERY]
     texts = [t for i, t in enumerate(texts) if i % HELDOUT_EVERY] or heldout
+    device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = start_from(Path(init or BUNDLED_DIR), attention)
-    model = loaded.model.train()
+    model = loaded.model.to(device_).train()
     config, tokenizer = model.config, loaded.tokenizer
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    def new_optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                                 fused=device_.type == "cuda")
+
+    optimizer = new_optimizer()
     step, elapsed, tokens_seen = 0, 0.0, 0
     if (state_dir / STATE_JSON).exists():
         try:
@@ -309,16 +336,25 @@ def adapt(corpus_dir: str | Path, out_dir: str | Path, *, init: str | Path | Non
             restart = out_dir / "model"
             if not (restart / "training.json").exists():
                 raise
-            loaded = start_from(restart, attention)
-            model.load_state_dict(loaded.model.state_dict())
+            model.load_state_dict(start_from(restart, attention).model.state_dict())
             meta = json.loads((restart / "training.json").read_text())
             step, elapsed, tokens_seen = meta["step"], meta["elapsed_seconds"], meta["tokens_seen"]
-            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+            optimizer = new_optimizer()
             log.info("restarting from the release at step %d (%s)", step, restart)
-    _rewrite_loss_log(out_dir / "loss.csv", step)
-    sampler = RowSampler(texts, tokenizer, loaded, attention, seq_len, seed)
-    bf16 = cpu_has_bf16()
     fields = LOSS_FIELDS + ["ar_ce"]
+    _rewrite_loss_log(out_dir / "loss.csv", step, fields)
+    sampler = RowSampler(texts, tokenizer, loaded, attention, seq_len, seed)
+    bf16 = device_.type == "cuda" or cpu_has_bf16()
+    # Rows are built ahead: in a thread on a CPU (the step leaves it a core), in forked processes
+    # on a GPU, which steps faster than one Python thread cuts holes.
+    if device_.type == "cuda":
+        processes = max(1, min(14, (os.cpu_count() or 2) - 2))
+        workers = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                      initializer=_start_batch_process, initargs=(sampler,))
+        build, ahead = _process_batch, processes
+    else:
+        workers, build, ahead = ThreadPoolExecutor(1), sampler.batch, 1
+    pending = deque(workers.submit(build, s, batch_size) for s in range(step, step + ahead))
 
     def meta_now() -> dict:
         return {"step": step, "elapsed_seconds": elapsed, "tokens_seen": tokens_seen, "config": config.to_hf(),
@@ -328,9 +364,11 @@ def adapt(corpus_dir: str | Path, out_dir: str | Path, *, init: str | Path | Non
     def save() -> None:
         save_train_state(state_dir, model, optimizer, meta_now())
         release(model, loaded, out_dir / "model", meta_now())
+        if on_release is not None:
+            on_release(out_dir / "model")
 
     log.info("adapting %s parameters (%s attention) on %s: %d documents", f"{config.parameters:,}", attention,
-             hardware(torch.device("cpu")), corpus_stats["documents"])
+             hardware(device_), corpus_stats["documents"])
     stretch_start, last_save = time.perf_counter(), time.perf_counter()
     with open(out_dir / "loss.csv", "a", newline="") as log_file:
         writer = csv.DictWriter(log_file, fields, extrasaction="ignore")
@@ -340,9 +378,9 @@ def adapt(corpus_dir: str | Path, out_dir: str | Path, *, init: str | Path | Non
                 started = time.perf_counter()
                 for group in optimizer.param_groups:
                     group["lr"] = lr * min(1.0, (step + 1) / warmup_steps)
-                rows = sampler.batch(step, batch_size)
-                torch.manual_seed(_seed(seed, step, "noise"))
-                with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                rows = pending.popleft().result().to(device_)
+                pending.append(workers.submit(build, step + len(pending) + 1, batch_size))
+                with torch.autocast(device_.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                     loss, parts = adapt_loss(model, rows, loaded.special.mask, attention, ar_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -368,9 +406,13 @@ def adapt(corpus_dir: str | Path, out_dir: str | Path, *, init: str | Path | Non
         except KeyboardInterrupt:
             save()
             raise
+        finally:
+            for future in pending:
+                future.cancel()
+            workers.shutdown(wait=True)
     save()
     stats = {**meta_now(), "parameters": config.parameters,
-             "tokens_per_second": round(tokens_seen / max(elapsed, 1e-9)), "hardware": hardware(torch.device("cpu")),
+             "tokens_per_second": round(tokens_seen / max(elapsed, 1e-9)), "hardware": hardware(device_),
              "precision": "bf16 autocast" if bf16 else "fp32", "corpus": corpus_stats,
              "heldout": heldout_accuracy(model, heldout, tokenizer, loaded, attention, seq_len, heldout_rows)}
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
@@ -395,6 +437,8 @@ def ar_baseline(corpus_dir: str | Path, init: str | Path = BUNDLED_DIR, seq_len:
                 start, at = int(batch.start[b]), int(cut[b])
                 sep = int((batch.tokens[b, :start] == loaded.special.separator).nonzero()[-1, 0])
                 ids = batch.tokens[b, sep + 1:at][None]  # the prefix and the middle before the cut
+                if not ids.shape[1]:
+                    continue
                 hidden = model(ids, torch.arange(ids.shape[1])[None], None, causal=True)
                 right += int(model.logits(hidden[0, -1]).argmax() == batch.tokens[b, at])
                 count += 1

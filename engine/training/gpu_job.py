@@ -1,11 +1,14 @@
-"""The bundled model's GPU training job (`lacuna train gpu-job`): everything on one GPU machine
-with no network, in one command that ends inside a fixed wall-clock budget.
+"""The bundled model's GPU training job (`lacuna train gpu-job`): its adaptation to masked-diffusion
+infilling (adapt.py), everything on one GPU machine with no network, in one command that ends
+inside a fixed wall-clock budget.
 
-It trains on corpus shards that travelled with the repository (`pack_shards`) plus, if asked, the
-machine's own installed distributions not among them; evaluates the release on HumanEval-Infilling
-single-line tasks; and writes into `out_dir` only what must come back: the release's weights,
-index, config and tokenizer and `report.json`. The release there is
-rewritten at every save, so a run killed by its time limit still leaves its last one.
+It starts from a release directory (`init`: the bundled weights, staged on the machine by an
+earlier call, as they alone fill the 64 MiB a call carries), trains on corpus shards that travelled
+with the repository (`pack_shards`) plus, if asked, the machine's own installed distributions not
+among them; evaluates the release on HumanEval-Infilling single-line tasks; and writes into
+`out_dir` only what must come back: the release's weights, index, config and tokenizer and
+`report.json`. The release there is rewritten at every save, so a run killed by its time limit
+still leaves its last one.
 """
 
 from __future__ import annotations
@@ -18,15 +21,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..config import PRESETS
+from .adapt import adapt
 from .corpus import _canonical, build_corpus
-from .tokenizer import TOKENIZER
-from .train import train_model
 
 log = logging.getLogger(__name__)
 
 # 8 files at most come back from the GPU machine: with report.json, these (4 shards for the bundled
-# config); generation_config.json and tokenizer_config.json follow from the tokenizer.
+# model); generation_config.json and tokenizer_config.json follow from config.json.
 RELEASE_FILES = ("config.json", "tokenizer.json", "model.safetensors.index.json", "model.safetensors",
                  "model-*.safetensors")
 
@@ -60,10 +61,10 @@ def _installed_not_in(corpus_dirs: Sequence[Path]) -> list[str]:
     return sorted(n for n in names if n and n not in carried)
 
 
-def run(out_dir: str | Path, corpus_dirs: Sequence[str | Path], *, config: str = "bundled", minutes: float = 6.0,
-        eval_tasks: int = 300, site_packages: bool = False, device: str | None = None, batch_size: int = 32,
-        seq_len: int = 1024, lr: float = 1e-3, tokenizer: str | Path = TOKENIZER,
-        save_every_minutes: float = 1.0, work_dir: str | Path | None = None) -> dict:
+def run(out_dir: str | Path, corpus_dirs: Sequence[str | Path], *, init: str | Path | None = None,
+        minutes: float = 6.0, eval_tasks: int = 300, site_packages: bool = False, device: str | None = None,
+        batch_size: int = 32, seq_len: int = 1024, lr: float = 2e-4, save_every_minutes: float = 1.0,
+        work_dir: str | Path | None = None) -> dict:
     """The whole job; returns the report it writes to `out_dir/report.json`. The training state and
     the full loss log stay in `work_dir` (a temporary directory by default)."""
     started = time.time()
@@ -76,13 +77,9 @@ def run(out_dir: str | Path, corpus_dirs: Sequence[str | Path], *, config: str =
         if names:
             build_corpus(work / "site-packages", site_packages=True, include_stdlib=False, packages=names)
             corpora.append(work / "site-packages")
-    stats = train_model(corpora, tokenizer, work / "run", config=PRESETS[config],
-                        minutes=minutes, batch_size=batch_size, seq_len=seq_len, lr=lr, device=device,
-                        # No torch.compile: forked processes building the rows hold the step back
-                        # more than the model's kernels, and a compile failure would cost the run.
-                        save_every_minutes=save_every_minutes,
-                        save_every_steps=None, state_dir=work / "train-state",
-                        on_release=lambda model_dir: _copy_release(model_dir, out_dir))
+    stats = adapt(corpora, work / "run", init=init, minutes=minutes, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                  device=device, save_every_minutes=save_every_minutes, state_dir=work / "train-state",
+                  on_release=lambda model_dir: _copy_release(model_dir, out_dir))
     report = {"train": stats, "seconds_to_release": round(time.time() - started, 1)}
     if eval_tasks:
         from lsp.eval import humaneval
@@ -107,6 +104,6 @@ def _loss_curve(path: Path, points: int = 20) -> list[dict]:
     for start in range(0, len(rows), size):
         chunk = rows[start:start + size]
         curve.append({"steps": f"{chunk[0]['step']}-{chunk[-1]['step']}", "tokens": int(chunk[-1]["tokens"]),
-                      "loss": round(sum(float(r["loss"]) for r in chunk) / len(chunk), 4),
-                      "masked_ce": round(sum(float(r["masked_ce"] or 0) for r in chunk) / len(chunk), 4)})
+                      **{key: round(sum(float(r.get(key) or 0) for r in chunk) / len(chunk), 4)
+                         for key in ("loss", "masked_ce", "ar_ce")}})
     return curve

@@ -199,7 +199,7 @@ def load_train_state(state_dir: Path, model: Transformer, optimizer: torch.optim
     return meta
 
 
-def _rewrite_loss_log(path: Path, up_to_step: int) -> None:
+def _rewrite_loss_log(path: Path, up_to_step: int, fields: list[str] = LOSS_FIELDS) -> None:
     """Keep the rows of steps the resumed state covers (later ones are trained again)."""
     rows = []
     if path.exists():
@@ -207,7 +207,7 @@ def _rewrite_loss_log(path: Path, up_to_step: int) -> None:
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= up_to_step]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, LOSS_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
