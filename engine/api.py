@@ -7,8 +7,10 @@ talks to `lacuna engine` over HTTP never imports torch.
 from __future__ import annotations
 
 import importlib.metadata
-from dataclasses import dataclass
-from typing import Protocol
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
 try:
     VERSION = importlib.metadata.version("lacuna-lsp")
@@ -19,6 +21,11 @@ API_KEY_ENV = "LACUNA_API_KEY"  # the engine service's key: `lacuna engine` requ
 POLICIES = ("steps", "threshold", "fixed")
 ORDERINGS = ("confidence", "margin", "entropy", "left_to_right")
 OPENERS = ("(", "[", "{", ":")  # a line ending in one opens a block, or carries one on (`else:`)
+MAX_TIME_BUDGET = 60.0  # seconds: a longer budget is refused (an editor's lies within 0.05-60 s)
+TIME_BUDGET_FIELD = "time_budget_ms"  # the time budget in a request's JSON, in milliseconds
+# A DecodeOptions field's annotation -> the JSON values it takes (an int is a float too; a bool is
+# never a number).
+WIRE_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
 
 
 class EngineError(RuntimeError):
@@ -28,7 +35,7 @@ class EngineError(RuntimeError):
 @dataclass(frozen=True)
 class DecodeOptions:
     policy: str = "threshold"
-    steps: int | None = None  # "steps": denoising steps (default: one token per step)
+    steps: int | None = None  # "steps": denoising steps, at most the masked tokens (default: as many)
     threshold: float = 0.9  # "threshold": confidence at which a position is kept
     tokens_per_step: int = 4  # "fixed"
     ordering: str | None = None  # None: the order the model's authors decode with (Family.ordering)
@@ -62,8 +69,8 @@ class DecodeOptions:
             raise ValueError(f"ordering must be one of {ORDERINGS}, not {self.ordering!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError("steps must be at least 1")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError("threshold must be within [0, 1]")
+        if not 0.0 < self.threshold <= 1.0:  # 0 would keep every prediction of the first step
+            raise ValueError(f"threshold must be within (0, 1], not {self.threshold}")
         if self.tokens_per_step < 1:
             raise ValueError("tokens_per_step must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -78,6 +85,55 @@ class DecodeOptions:
             raise ValueError("score_suffix must be >= 0")
         if self.block_indent is not None and self.block_indent < 0:
             raise ValueError("block_indent must be >= 0")
+
+    def to_wire(self) -> dict[str, Any]:
+        """Every field by its name, as a request's JSON carries it (`from_wire` reads it back)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> DecodeOptions:
+        """The options a request's JSON names (keys that are no field are the request's own); each
+        value is checked against its field's annotation, then as in process (ValueError)."""
+        values = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            value, types = data[f.name], f.type.split(" | ")  # the annotation as written: "int | None"
+            if value is None and "None" in types:
+                values[f.name] = None
+                continue
+            if not any(isinstance(value, WIRE_TYPES[t]) and (t == "bool" or not isinstance(value, bool))
+                       for t in types if t != "None"):
+                raise ValueError(f"{f.name} must be {' or '.join(types)}, not {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, not {value!r}")
+            values[f.name] = float(value) if "float" in types else value
+        return cls(**values)
+
+
+def check_infill(n_tokens: int, options: DecodeOptions, time_budget: float | None = None) -> None:
+    """What an infill request may not ask, in process and over HTTP alike (ValueError): more steps
+    than masked tokens (a step unmasks at least one), or a time budget not within (0, 60] seconds."""
+    if options.steps is not None and options.steps > n_tokens:
+        raise ValueError(f"steps ({options.steps}) must not be more than the {n_tokens} masked tokens")
+    if time_budget is not None and not 0 < time_budget <= MAX_TIME_BUDGET:
+        raise ValueError(f"time_budget must be within (0, {MAX_TIME_BUDGET:g}] seconds, not {time_budget}")
+
+
+def time_budget_to_wire(seconds: float | None) -> dict[str, Any]:
+    """A request's JSON field for a time budget (none without one)."""
+    return {} if seconds is None else {TIME_BUDGET_FIELD: seconds * 1000}
+
+
+def time_budget_from_wire(data: Mapping[str, Any]) -> float | None:
+    """The time budget a request's JSON gives, in seconds (ValueError where it is not a number of
+    milliseconds within (0, 60000])."""
+    ms = data.get(TIME_BUDGET_FIELD)
+    if ms is None:
+        return None
+    if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 < ms <= MAX_TIME_BUDGET * 1000:
+        raise ValueError(f"{TIME_BUDGET_FIELD} must be a number within (0, {MAX_TIME_BUDGET * 1000:g}], not {ms!r}")
+    return ms / 1000
 
 
 def indentation(line: str) -> int:

@@ -1,4 +1,5 @@
-"""Known open diffusion coders by short name, fetched from the Hugging Face hub.
+"""Known open coders by short name (diffusion coders, and autoregressive fill-in-the-middle ones
+to compare them with), fetched from the Hugging Face hub.
 
 `lacuna pull NAME` downloads a model's safetensors and JSON files into the hub cache, never
 pickled weights and never code; `--model NAME` then resolves to that cached directory. Every
@@ -28,7 +29,7 @@ class CatalogEntry:
     family: str  # as the loader names it (engine.config.FAMILIES)
     parameters: str
     licence: str
-    max_tokens: int  # the masked length its authors evaluate infilling with
+    max_tokens: int  # the masked length its authors evaluate infilling with (a FIM coder: the server's block)
     note: str = ""
     # A branch until the hub can be reached to read each repository's commit: `lacuna pull`
     # prints the commit it fetched, and `--model NAME@COMMIT` pins one.
@@ -37,6 +38,8 @@ class CatalogEntry:
 
 RESEARCH = "research licence, not for commercial use"
 CODA_NOTE = "non-commercial licence; no published infill evaluation"
+# Qwen2.5-Coder's base models, Apache-2.0 (its 3B has a research licence and is left out).
+FIM_NOTE = "autoregressive fill-in-the-middle: reads the suffix through its prompt"
 CATALOG = {entry.name: entry for entry in [
     CatalogEntry("open-dcoder-0.5b", "fredzzp/open-dcoder-0.5B", "qwen2", "0.5B", "Apache-2.0", 32,
                  "the one that runs on a laptop CPU"),
@@ -54,6 +57,9 @@ CATALOG = {entry.name: entry for entry in [
     CatalogEntry("llada-8b", "GSAI-ML/LLaDA-8B-Base", "llada", "8B", "MIT", 64),
     CatalogEntry("llada-8b-instruct", "GSAI-ML/LLaDA-8B-Instruct", "llada", "8B", "MIT", 64),
     CatalogEntry("llada-1.5", "GSAI-ML/LLaDA-1.5", "llada", "8B", "MIT", 64),
+    CatalogEntry("qwen2.5-coder-0.5b", "Qwen/Qwen2.5-Coder-0.5B", "qwen2_fim", "0.5B", "Apache-2.0", 64, FIM_NOTE),
+    CatalogEntry("qwen2.5-coder-1.5b", "Qwen/Qwen2.5-Coder-1.5B", "qwen2_fim", "1.5B", "Apache-2.0", 64, FIM_NOTE),
+    CatalogEntry("qwen2.5-coder-7b", "Qwen/Qwen2.5-Coder-7B", "qwen2_fim", "7B", "Apache-2.0", 64, FIM_NOTE),
 ]}
 
 

@@ -31,6 +31,11 @@ class Family:
     token_healing: bool = True
     # The unmasking order the family's authors decode with, used when a request names none.
     ordering: str = "confidence"
+    # How the "steps" policy spreads the masked tokens over the steps, as the family's own decoder
+    # does (engine.sampler.SCHEDULES): "even", LLaDA's split (generate.py's get_num_transfer_tokens);
+    # "dream", Dream's (generation_utils.py's _sample: int(m * (1 - s / t)) of the m masks left
+    # over timesteps linspace(1, 1e-3, steps + 1), the rest at the last step).
+    schedule: str = "even"
     # An autoregressive network run causally: each position sees only those before it, so only
     # the leftmost masked token can be predicted, one a step, from the prefix alone (the suffix
     # shapes the answer through the language server's post-processing only).
@@ -42,16 +47,21 @@ class Family:
     # Suffix-prefix-middle layout (the FIM paper's SPM): `suffix SEP prefix MASK*N`, SEP being this
     # token, so that typing at the cursor only appends to the context; "" for `prefix MASK*N suffix`.
     spm_separator: str = ""
+    # An autoregressive fill-in-the-middle coder's sentinels, in the order its prompt puts them:
+    # `PRE prefix SUF suffix MID`, then the middle is written left to right (a causal family: it reads
+    # the suffix through the prompt). () for the layouts above.
+    fim: tuple[str, ...] = ()
 
 
 # model_type in config.json -> family. Where each fact was read: tests/published.py.
 FAMILIES = {
     # Dream-v0, Dream-Coder, DiffuCoder, DreamOn ("Dream"): Qwen2.5 networks, shifted logits; DreamOn's
     # infilling layout is [BOS] prefix masks suffix [EOS]. Dream's and DiffuCoder's READMEs decode
-    # with alg="entropy".
+    # with alg="entropy"; the _sample of Dream's generation_utils.py (as Dream-Coder publishes it)
+    # spreads the masks by Dream's schedule.
     "dream": Family("qwen2", 1, bos=True, eos_after_suffix=True, mask_tokens=("<|mask|>",),
                     mask_hint="Dream-family checkpoints give mask_token_id in config.json (<|mask|>, 151666)",
-                    ordering="entropy"),
+                    ordering="entropy", schedule="dream"),
     # Open-dCoder: a Qwen2 checkpoint, shifted logits; its infill evaluation feeds prefix masks
     # suffix with no BOS or EOS, and its mask `<M>` exists only as an added token. It decodes by
     # confidence (alg="p2"), as LLaDA does (low-confidence remasking).
@@ -63,9 +73,10 @@ FAMILIES = {
                     stop_tokens=("<|eot_id|>",)),
     # CoDA (Salesforce): Qwen3 layers (q/k norms), shifted logits, bidirectional. It publishes no
     # infill code; pre-training saw documents without BOS, so prefix masks suffix, as Open-dCoder.
-    # Its serving code decodes with alg="entropy".
+    # Its serving code decodes with alg="entropy", and its generation_utils.py with Dream's schedule.
     "coda": Family("qwen3", 1, bos=False, eos_after_suffix=False, mask_tokens=("<|mask|>",),
-                   mask_hint="CoDA gives mask_token_id in config.json (<|mask|>, 151669)", ordering="entropy"),
+                   mask_hint="CoDA gives mask_token_id in config.json (<|mask|>, 151669)", ordering="entropy",
+                   schedule="dream"),
     "llama": Family("llama", 0, bos=True, eos_after_suffix=False),
     # The bundled model (engine/bundled): SmolLM2-135M-Instruct, an autoregressive Llama trained on
     # whole documents, whose chat turns end with <|im_end|>.
@@ -76,6 +87,19 @@ FAMILIES = {
     # token its pre-training put between files of one repository).
     "llama_spm": Family("llama", 1, bos=False, eos_after_suffix=False, stop_tokens=("<|im_end|>",),
                         ordering="confidence", context_causal=True, spm_separator="<file_sep>"),
+    # Qwen2.5-Coder (base), fill-in-the-middle: a Qwen2 checkpoint whose tokenizer holds the FIM
+    # sentinels and no mask (the loader tells it from Open-dCoder's `qwen2`, see `fim_variant`). Its
+    # card's prompt is `<|fim_prefix|>` prefix `<|fim_suffix|>` suffix `<|fim_middle|>`, and its
+    # generation stops at the ids it lists: <|endoftext|>, the FIM tokens, <|repo_name|>,
+    # <|file_sep|>, <|im_end|>. FIM training tokenizes the middle apart from the prefix: no healing.
+    # It has no mask token; its masks are never fed, so the first embedding row the tokenizer lacks
+    # holds them (else <|fim_pad|>).
+    "qwen2_fim": Family("qwen2", 1, bos=False, eos_after_suffix=False, mask_tokens=("<|fim_pad|>",),
+                        mask_hint="a fill-in-the-middle model's masks take an unused embedding row or <|fim_pad|>",
+                        stop_tokens=("<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<|fim_prefix|>",
+                                     "<|fim_suffix|>", "<|fim_middle|>", "<|im_end|>"),
+                        token_healing=False, ordering="left_to_right", causal=True,
+                        fim=("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")),
     # Lacuna's own models (`lacuna train`): Qwen2 blocks, shifted, [BOS] prefix masks suffix [EOS].
     "lacuna": Family("qwen2", 1, bos=True, eos_after_suffix=True, token_healing=False, ordering="left_to_right"),
 }
@@ -88,7 +112,16 @@ UNSUPPORTED = {
     "sdar": f"SDAR is {BLOCK_DIFFUSION}",
     "sdar_moe": f"SDAR-MoE is {BLOCK_DIFFUSION}",
     "lladamoe": "LLaDA-MoE is a mixture of experts, which this engine's model lacks",
+    # StarCoder2 (a fill-in-the-middle coder: <fim_prefix>, <fim_suffix>, <fim_middle>): its blocks,
+    # read from transformers' modeling_starcoder2.py, are not this engine's Llama/Qwen ones.
+    "starcoder2": "StarCoder2's blocks are not this engine's: they need LayerNorm with a bias (norm_type "
+                  "layer_norm) where it has RMSNorm, an MLP c_fc -> gelu_pytorch_tanh -> c_proj where it has "
+                  "SwiGLU, a bias on every linear layer (use_bias) and sliding-window attention (sliding_window)",
 }
+
+# A published model_type whose checkpoints are either this family or a fill-in-the-middle coder,
+# told apart by the tokenizer (engine.loader): the FIM variant of each.
+FIM_VARIANTS = {"qwen2": "qwen2_fim"}
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .api import Capacity, Completion, DecodeOptions, EngineError, leaves_block
+from .api import Capacity, Completion, DecodeOptions, EngineError, check_infill, leaves_block
 from .catalog import resolve
 from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, random_model
 from .packed import native_bfloat16, use_int4_kernels
@@ -200,6 +200,7 @@ class Engine:
             raise ValueError(f"n_tokens must be between 1 and {self.max_tokens}, not {n_tokens}")
         if not 1 <= n <= self.max_batch_rows:
             raise ValueError(f"n must be between 1 and {self.max_batch_rows}, not {n}")
+        check_infill(n_tokens, options, time_budget)
         if not self._worker.is_alive():
             raise EngineError("the engine is closed")
         family = self.config.family
@@ -219,25 +220,30 @@ class Engine:
         if options.single_line:  # a line break past the text a healed first token gives back ends the line
             breaks = (self._last_line_break >= len(healed), self._last_line_break >= 0)
         denoiser = Denoiser(layout, n, options, self.special, device=self.device, generator=generator,
-                            first_tokens=first, split_healing=split, line_breaks=breaks, causal=family.causal)
+                            first_tokens=first, split_healing=split, line_breaks=breaks, causal=family.causal,
+                            schedule=family.schedule)
         deadline = time.monotonic() + time_budget if time_budget is not None else None
         scored_suffix = None
         # From the context's cached keys (none without the cache), within the model's positions.
         if options.score_suffix and family.causal and options.use_cache:
             room = self.config.max_position_embeddings - layout.end
-            scored_suffix = suffix[:min(options.score_suffix, room)]
+            # A fill-in-the-middle model read the suffix in its prompt: a middle is scored as one
+            # that ends there, followed by the end of its text.
+            scored_suffix = [self.special.eos][:room] if family.fim else suffix[:min(options.score_suffix, room)]
         request = Request(next(self._ids), denoiser, n, deadline, healed, scored_suffix)
         self.scheduler.add(request)
         return request
 
     def layout(self, prefix: list[int], suffix: list[int], n_tokens: int) -> Layout:
         """The model's input for an infill, as its family was trained: `[BOS] prefix MASK*N suffix [EOS]`
-        (a causal model never reads the suffix: it is left out)."""
+        (a causal model never reads the suffix: it is left out), or a fill-in-the-middle family's
+        prompt `PRE prefix SUF suffix MID MASK*N` (it reads the suffix before the middle)."""
         family = self.config.family
-        return build_layout(prefix, [] if family.causal else suffix, n_tokens, mask=self.special.mask,
-                            bos=self.special.bos, eos=self.special.eos, eos_after_suffix=family.eos_after_suffix,
-                            shifted=family.logit_shift == 1, max_len=self.config.max_position_embeddings,
-                            separator=self.special.separator)
+        return build_layout(prefix, [] if family.causal and not family.fim else suffix, n_tokens,
+                            mask=self.special.mask, bos=self.special.bos, eos=self.special.eos,
+                            eos_after_suffix=family.eos_after_suffix, shifted=family.logit_shift == 1,
+                            max_len=self.config.max_position_embeddings, separator=self.special.separator,
+                            fim=self.special.fim)
 
     def complete(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> list[Completion]:
         return self.submit(prefix, suffix, n_tokens, **kwargs).result()
@@ -260,8 +266,10 @@ class Engine:
     @property
     def capacity(self) -> Capacity:
         family = self.config.family
-        # The layout's lead is BOS (or, for a shifted model without one, EOS before an empty prefix).
+        # The layout's lead is BOS (or, for a shifted model without one, EOS before an empty prefix);
+        # a fill-in-the-middle prompt adds its sentinels instead.
         lead = 1 if self.special.bos is not None or family.logit_shift else 0
+        lead = len(family.fim) if family.fim else lead
         return Capacity(self.max_tokens, self.config.max_position_embeddings,
                         lead + int(family.eos_after_suffix), self.context_per_second)
 

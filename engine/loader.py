@@ -8,6 +8,7 @@ EOS and BOS ids are read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -19,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from .config import PRESETS, CheckpointError, Family, ModelConfig
+from .config import FAMILIES, FIM_VARIANTS, PRESETS, CheckpointError, Family, ModelConfig
 from .model import Transformer, rope_inv_freq
 from .packed import unpack_all
 
@@ -55,6 +56,7 @@ class SpecialIds:
     stops: tuple[int, ...] = ()  # more ids that end an infill (DiffuCoder's <|dlm_pad|>)
     banned: tuple[int, ...] = ()  # ids never predicted besides the mask (DreamOn's expand, unused rows)
     separator: int | None = None  # between suffix and prefix in a suffix-prefix-middle layout
+    fim: tuple[int, ...] | None = None  # a fill-in-the-middle family's sentinels, in Family.fim's order
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
@@ -99,12 +101,15 @@ def _first_id(*values) -> int | None:
 
 
 def _special_ids(tokenizer: Tokenizer, family: Family, config: dict, generation: dict,
-                 tok_config: dict) -> SpecialIds:
+                 tok_config: dict, spare_row: int | None = None) -> SpecialIds:
+    """`spare_row`: an embedding row the tokenizer lacks, for the masks of a fill-in-the-middle
+    family, which has no mask token and never feeds its masks (they are never predicted either)."""
     def find(name: str) -> int | None:
         key = f"{name}_token_id"
         return _first_id(config.get(key), generation.get(key), _token_id(tokenizer, tok_config.get(f"{name}_token")))
 
-    mask = _first_id(find("mask"), *(tokenizer.token_to_id(token) for token in family.mask_tokens))
+    spare_row = spare_row if family.fim else None
+    mask = _first_id(find("mask"), spare_row, *(tokenizer.token_to_id(token) for token in family.mask_tokens))
     if mask is None:
         raise CheckpointError(f"no mask token: {family.mask_hint}, or name it as mask_token in tokenizer_config.json")
     eos = find("eos")
@@ -125,8 +130,46 @@ def _special_ids(tokenizer: Tokenizer, family: Family, config: dict, generation:
         if separator is None:
             raise CheckpointError(f"the tokenizer lacks {family.spm_separator}, which this family's layout puts "
                                   "between the suffix and the prefix")
+    fim = tuple(tokenizer.token_to_id(token) for token in family.fim) or None  # present: fim_variant checked
     return SpecialIds(mask=mask, eos=eos, pad=eos if pad is None else pad, bos=find("bos") if family.bos else None,
-                      stops=stops, banned=() if expand is None else (expand,), separator=separator)
+                      stops=stops, banned=() if expand is None else (expand,), separator=separator, fim=fim)
+
+
+def _listed_tokens(tok_config: dict) -> set[str]:
+    """The tokens tokenizer_config.json says the tokenizer adds."""
+    decoder = tok_config.get("added_tokens_decoder")
+    listed = [entry.get("content") for entry in decoder.values() if isinstance(entry, dict)] \
+        if isinstance(decoder, dict) else []
+    extra = tok_config.get("additional_special_tokens")
+    return {token for token in listed + (extra if isinstance(extra, list) else []) if isinstance(token, str)}
+
+
+def fim_variant(config: ModelConfig, hf_config: dict, generation: dict, tok_config: dict,
+                tokenizer: Tokenizer) -> ModelConfig:
+    """`config`, or its fill-in-the-middle family (config.FIM_VARIANTS) where the checkpoint is one:
+    its tokenizer or tokenizer_config.json has the family's FIM sentinels, and nothing names a mask
+    token (Open-dCoder keeps Qwen2.5-Coder's tokenizer, sentinels and all, and adds the mask <M>).
+    A FIM family whose tokenizer lacks a sentinel is refused, naming it: no prompt could be built."""
+    variant = FIM_VARIANTS.get(config.model_type)
+    sentinels = FAMILIES[variant].fim if variant else config.family.fim
+    if not sentinels:
+        return config
+    listed = _listed_tokens(tok_config)
+    present = [token for token in sentinels if tokenizer.token_to_id(token) is not None]
+    if variant:
+        mask_tokens = config.family.mask_tokens
+        named_mask = (_first_id(hf_config.get("mask_token_id"), generation.get("mask_token_id")) is not None
+                      or tok_config.get("mask_token") or any(tokenizer.token_to_id(t) is not None for t in mask_tokens))
+        if named_mask or not (present or listed & set(sentinels)):
+            return config  # a diffusion model of the base family (or one the loader refuses for its mask)
+    missing = [token for token in sentinels if tokenizer.token_to_id(token) is None]
+    if missing:
+        why = ("tokenizer_config.json lists it" if missing[0] in listed else
+               f"its other sentinels ({', '.join(present)}) make it a fill-in-the-middle model" if present else
+               "its fill-in-the-middle prompt needs it")
+        raise CheckpointError(f"tokenizer.json lacks the fill-in-the-middle token {missing[0]}, and {why}: "
+                              f"the prompt is {' prefix '.join(sentinels[:2])} suffix {sentinels[2]}")
+    return dataclasses.replace(config, model_type=variant) if variant else config
 
 
 def _check_ids_fit(tokenizer_rows: int, special: SpecialIds, rows: int) -> None:
@@ -197,12 +240,12 @@ def load_checkpoint(directory: str | Path, device: str = "cpu", dtype: torch.dty
         tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     except Exception as err:  # tokenizers raises plain Exception on a bad file
         raise CheckpointError(f"tokenizer.json is corrupt: {err}") from None
-    special = _special_ids(
-        tokenizer, config.family, hf_config,
-        _read_json(directory / "generation_config.json", required=False),
-        _read_json(directory / "tokenizer_config.json", required=False),
-    )
+    generation = _read_json(directory / "generation_config.json", required=False)
+    tok_config = _read_json(directory / "tokenizer_config.json", required=False)
+    config = fim_variant(config, hf_config, generation, tok_config, tokenizer)
     tokenizer_rows = _tokenizer_rows(tokenizer)
+    special = _special_ids(tokenizer, config.family, hf_config, generation, tok_config,
+                           spare_row=tokenizer_rows if tokenizer_rows < config.vocab_size else None)
     _check_ids_fit(tokenizer_rows, special, config.vocab_size)
     # Rows the tokenizer never produces (an embedding padded for speed) are never predicted either.
     special.banned += tuple(range(tokenizer_rows, config.vocab_size))

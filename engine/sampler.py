@@ -2,14 +2,16 @@
 
 A request is `[BOS] prefix MASK*N suffix [EOS]`. Each denoising step the model predicts every
 masked position; a policy picks which predictions to keep:
-- "steps": LLaDA's low-confidence remasking, N tokens spread evenly over a fixed step count;
+- "steps": LLaDA's low-confidence remasking, N tokens spread over a fixed step count as the
+  family's decoder spreads them (Family.schedule: evenly, as LLaDA, or by Dream's schedule);
 - "threshold": Fast-dLLM's parallel decoding, every position at or above the confidence
   threshold, at least one per step;
 - "fixed": a fixed number of tokens per step (for random-weight benchmarks, which have no
   meaningful confidence).
 The ordering ("confidence", "margin", "entropy") ranks positions; "left_to_right" keeps the
 leftmost masked position and the confident run right after it (a small model reads best when the
-middle grows from the prefix, as it was trained). Temperature and top-p shape the token draw.
+middle grows from the prefix, as it was trained); equal scores go to the leftmost position.
+Temperature and top-p shape the token draw.
 Once a position decodes to EOS or pad, the infill ends there; a single-line infill ends after
 its first line break. A causal model (Family.causal) predicts only the leftmost masked position,
 from the one before it: it decodes left to right, one token a step, or, greedy, a few: the tokens
@@ -19,6 +21,7 @@ kept as far as the model predicts the same from them (prompt lookup decoding).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -39,21 +42,26 @@ class Layout:
 
 def build_layout(prefix: list[int], suffix: list[int], n: int, *, mask: int, bos: int | None,
                  eos: int, eos_after_suffix: bool, shifted: bool, max_len: int,
-                 separator: int | None = None) -> Layout:
+                 separator: int | None = None, fim: tuple[int, ...] | None = None) -> Layout:
     """`[BOS] prefix MASK*n suffix [EOS]`, or with a `separator`, `suffix SEP prefix MASK*n`
-    (suffix-prefix-middle), trimming the far ends of the context to fit `max_len`."""
-    if separator is not None:
+    (suffix-prefix-middle), or with `fim` sentinels (PRE, SUF, MID), a fill-in-the-middle prompt
+    `PRE prefix SUF suffix MID MASK*n`; the far ends of the context (the prefix's start, the
+    suffix's end) are trimmed to fit `max_len`, never a sentinel."""
+    if separator is not None or fim is not None:
         lead, tail = [], []
     else:  # a shifted model predicts the first masked token from the position before it
         lead = [bos] if bos is not None else ([eos] if shifted and not prefix else [])
         tail = [eos] if eos_after_suffix else []
-    budget = max_len - n - len(lead) - len(tail) - (separator is not None)
+    budget = max_len - n - len(lead) - len(tail) - (separator is not None) - (len(fim) if fim is not None else 0)
     if budget < 0:
         raise ValueError(f"{n} masked tokens do not fit the model's {max_len} positions")
     if len(prefix) + len(suffix) > budget:
         keep_suffix = min(len(suffix), max(budget - len(prefix), budget // 4))
         suffix = suffix[:keep_suffix]
         prefix = prefix[len(prefix) - (budget - keep_suffix):] if budget > keep_suffix else []
+    if fim is not None:  # MID predicts the first masked token
+        context = [fim[0], *prefix, fim[1], *suffix, fim[2]]
+        return Layout(context + [mask] * n, len(context), len(context) + n)
     if separator is not None:
         start = len(suffix) + 1 + len(prefix)
         return Layout(suffix + [separator] + prefix + [mask] * n, start, start + n)
@@ -61,10 +69,40 @@ def build_layout(prefix: list[int], suffix: list[int], n: int, *, mask: int, bos
     return Layout(lead + prefix + [mask] * n + suffix + tail, start, start + n)
 
 
-def transfer_schedule(n: int, steps: int) -> list[int]:
-    """LLaDA's split of n tokens over `steps` steps, the remainder going to the first ones."""
+SCHEDULES = ("even", "dream")  # Family.schedule
+
+
+def transfer_schedule(n: int, steps: int, kind: str = "even") -> list[int]:
+    """Tokens each of `steps` steps unmasks of `n` masks, as the family's decoder spreads them
+    (Family.schedule): "even" is LLaDA's split, the remainder going to the first steps; "dream"
+    is Dream's (dream_schedule)."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, not {kind!r}")
+    if kind == "dream":
+        return dream_schedule(n, steps)
     steps = min(steps, n)
     return [n // steps + (1 if i < n % steps else 0) for i in range(steps)]
+
+
+DREAM_EPS = 1e-3  # the last time of Dream's schedule (its generation config's `eps`)
+
+
+def dream_schedule(n: int, steps: int, eps: float = DREAM_EPS) -> list[int]:
+    """Dream's schedule (`_sample` in its generation_utils.py, maskgit_plus/topk_margin/entropy):
+    times fall linearly from 1 to `eps` over `steps` steps, and the step from t to s unmasks
+    int(m * (1 - s / t)) of the m masks still left, the last one all that are left (so a step may
+    unmask none). Dream counts the masks left in its state; a greedy step unmasks exactly its
+    count, so the same counts follow from (n, steps) alone. In float32, as Dream computes them."""
+    times = torch.linspace(1, eps, steps + 1)
+    fractions = (1 - times[1:] / times[:-1]).tolist()
+    counts, left = [], n
+    for fraction in fractions[:-1]:
+        # float32(left) * float32(fraction), exact in a double, then rounded to float32 as Dream's
+        # tensors round it; int() truncates.
+        count = int(struct.unpack("f", struct.pack("f", left * fraction))[0])
+        counts.append(count)
+        left -= count
+    return counts + [left]
 
 
 class Denoiser:
@@ -73,7 +111,8 @@ class Denoiser:
     def __init__(self, layout: Layout, rows: int, options: DecodeOptions, special: SpecialIds, *, device,
                  generator: torch.Generator | None = None, first_tokens: Tensor | None = None,
                  split_healing: tuple[Tensor, Tensor] | None = None,
-                 line_breaks: tuple[Tensor, Tensor] | None = None, causal: bool = False):
+                 line_breaks: tuple[Tensor, Tensor] | None = None, causal: bool = False,
+                 schedule: str = "even"):
         self.options, self.stop_ids, self.pad, self.mask = options, special.stop_ids, special.pad, special.mask
         self.causal = causal
         self.drafted = 0  # masked columns after the leftmost that hold drafted tokens
@@ -95,7 +134,9 @@ class Denoiser:
         self.masked = torch.ones(rows, n, dtype=torch.bool, device=device)
         self.fresh = torch.zeros_like(self.masked)  # decoded last step: their keys are stale
         self.confidence = torch.zeros(rows, n, device=device)
-        self.schedule = transfer_schedule(n, options.steps or n) if options.policy == "steps" else None
+        # A step that would unmask nothing leaves the state as it was: it is not run.
+        self.schedule = [count for count in transfer_schedule(n, options.steps or n, schedule) if count] \
+            if options.policy == "steps" else None
         self.steps = 0
         self.generator = generator
 
@@ -201,7 +242,9 @@ class Denoiser:
             if self.options.ordering == "left_to_right":  # only a run that continues what is decoded
                 keep = (keep | ~masked).cumprod(dim=1).bool()
         else:
-            keep = torch.zeros_like(masked).scatter_(1, score.topk(min(count, score.shape[1]), dim=1).indices, True)
+            # The best `count`, ties going to the leftmost (a stable sort; topk's order is undefined).
+            best = score.sort(dim=1, descending=True, stable=True).indices[:, :count]
+            keep = torch.zeros_like(masked).scatter_(1, best, True)
         keep &= masked
         middle.copy_(torch.where(keep, drawn, middle))
         self.confidence.copy_(torch.where(keep, confidence, self.confidence))

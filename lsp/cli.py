@@ -115,7 +115,7 @@ def cmd_models(args) -> int:
     for row in rows:
         state = f"downloaded ({row['downloaded'][-1][:10]})" if row["downloaded"] else f"lacuna pull {row['name']}"
         facts = ", ".join(str(row[k]) for k in ("family", "parameters", "licence") if k in row)
-        print(f"{row['name']:<24} {row['repo']:<38} {facts:<26} {state}")
+        print(f"{row['name']:<24} {row['repo']:<38} {facts:<28} {state}")
     return 0
 
 
@@ -136,10 +136,9 @@ def cmd_train(args) -> int:
         elif args.stage == "gpu-job":
             from engine.training import gpu_job
 
-            result = gpu_job.run(args.out, args.corpus, config=args.config, minutes=args.minutes,
+            result = gpu_job.run(args.out, args.corpus, init=args.init, minutes=args.minutes,
                                  eval_tasks=args.eval_tasks, site_packages=args.site_packages, device=args.device,
-                                 batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                                 **({"tokenizer": args.tokenizer} if args.tokenizer else {}))
+                                 batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr)
         elif args.stage == "pretrained":
             from engine.training import pretrained
 
@@ -334,13 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     job.add_argument("out", help="output folder: the release's weights and config, and report.json")
     job.add_argument("--corpus", action="append", required=True, help="a corpus directory (repeatable)")
     job.add_argument("--site-packages", action="store_true", help="also installed distributions not in the corpus")
-    job.add_argument("--config", choices=list(PRESETS), default="bundled")
-    job.add_argument("--tokenizer", help="tokenizer.json (default: engine/training/tokenizer.json)")
+    job.add_argument("--init", help="the release to adapt (default: the bundled model)")
     job.add_argument("--minutes", type=float, default=6.0, help="training time")
     job.add_argument("--eval-tasks", type=int, default=300, help="HumanEval-Infilling single-line tasks")
     job.add_argument("--batch-size", type=int, default=32)
     job.add_argument("--seq-len", type=int, default=1024)
-    job.add_argument("--lr", type=float, default=1e-3)
+    job.add_argument("--lr", type=float, default=2e-4)
     job.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     job.set_defaults(func=cmd_train)
 

@@ -6,7 +6,9 @@ One kept-alive connection pool. Cancelling an infill closes its HTTP request, wh
 waiting on every keystroke) while a probe retries with backoff; `on_change(up, message)` hears
 each transition, so the server can tell the editor once. What the model can take (its positions,
 the tokens its layout reserves) and where it runs come from `lacuna engine`'s `/health`, read
-before the first infill; a hosted API without one leaves them unknown.
+before the first infill; a hosted API without one leaves them unknown. To `lacuna engine` an
+infill sends every DecodeOptions field and its time budget, as engine.api maps them to JSON (the
+service reads them back with the same mapping); a hosted API gets the fields of the FIM APIs only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ from collections.abc import Callable
 
 import httpx
 
-from engine.api import API_KEY_ENV, Capacity, Completion, DecodeOptions, EngineError, Limits
+from engine.api import (
+    API_KEY_ENV,
+    Capacity,
+    Completion,
+    DecodeOptions,
+    EngineError,
+    Limits,
+    check_infill,
+    time_budget_to_wire,
+)
 
 log = logging.getLogger(__name__)
 FIRST_RETRY_S, MAX_RETRY_S = 0.5, 30.0
@@ -48,6 +59,7 @@ class RemoteEngine:
 
     async def infill(self, prefix: str, suffix: str, n_tokens: int, *, n: int = 1,
                      options: DecodeOptions = DecodeOptions(), time_budget: float | None = None) -> list[Completion]:
+        check_infill(n_tokens, options, time_budget)  # refused here as the engine refuses it in process
         if not self.up:
             raise EngineUnavailable(f"the engine at {self.url} is down")
         if not self._described:
@@ -56,9 +68,8 @@ class RemoteEngine:
                 "temperature": options.temperature, "top_p": options.top_p}
         if options.single_line:
             body["stop"] = ["\n"]
-        if self.lacuna:  # fields other FIM APIs may refuse
-            body |= {"min_tokens": options.min_tokens, "score_suffix": options.score_suffix, "seed": options.seed,
-                     "block_indent": options.block_indent}
+        if self.lacuna:  # every option and the time budget: fields other FIM APIs may refuse
+            body |= options.to_wire() | time_budget_to_wire(time_budget)
         if self.model:
             body["model"] = self.model
         try:
@@ -69,10 +80,15 @@ class RemoteEngine:
         if response.status_code != 200:
             raise EngineError(f"the engine at {self.url} answered {response.status_code}: {response.text[:200]}")
         answer = response.json()
-        steps = (answer.get("lacuna") or {}).get("steps", 0)
-        return [Completion(c.get("text", ""), [], [], steps, c.get("finish_reason") or "stop",
+        lacuna = answer.get("lacuna") or {}
+        steps = lacuna.get("steps", 0)
+        # `lacuna engine` says which choices the time budget cut short ("budget"; OpenAI's "length").
+        reasons = lacuna.get("finish_reasons") or []
+        choices = sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))
+        return [Completion(c.get("text", ""), [], [], steps,
+                           reasons[i] if i < len(reasons) else c.get("finish_reason") or "stop",
                            score=c["score"] if isinstance(c.get("score"), (int, float)) else None)
-                for c in sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))]
+                for i, c in enumerate(choices)]
 
     async def describe(self) -> None:
         """Read the model's capacity and device from `/health` (`lacuna engine` reports them)."""

@@ -43,6 +43,38 @@ from the families' own code or from copies of the published files, named beside 
   151643, mask <|mask|> 151669); serving/fast-api decodes with alg "entropy". Licence CC BY-NC 4.0.
   No infill code is published: the layout is Open-dCoder's (prefix masks suffix), as pre-training
   saw documents without BOS.
+
+Autoregressive fill-in-the-middle coders (family `qwen2_fim`; StarCoder2 refused):
+- [Qwen-Coder-card] QwenLM/Qwen2.5-Coder@251cddd examples/Qwen2.5-Coder.md (the models' card text):
+  the FIM prompt `'<|fim_prefix|>' + prefix + '<|fim_suffix|>' + suffix + '<|fim_middle|>'`, and
+  generation stops at `eos_token_ids = [151664, 151662, 151659, 151660, 151661, 151662, 151663,
+  151664, 151645, 151643]`. huggingface.co/Qwen/Qwen2.5-Coder-{0.5B,1.5B,7B} (model cards, stored
+  copies): licence apache-2.0, safetensors weights.
+- [Qwen-tok] a copy of a Qwen2.5 Instruct tokenizer_config.json (the tokenizer Qwen2.5-Coder
+  shares): 151643 regular tokens, then added tokens <|endoftext|> 151643, <|im_start|> 151644,
+  <|im_end|> 151645, <|object_ref_start|> .. <|video_pad|> 151646-151656 (special), <tool_call>
+  151657, </tool_call> 151658, <|fim_prefix|> 151659, <|fim_middle|> 151660, <|fim_suffix|> 151661,
+  <|fim_pad|> 151662, <|repo_name|> 151663, <|file_sep|> 151664 (special false); bos_token null, pad
+  <|endoftext|>, tokenizer_class Qwen2Tokenizer. Its eos_token is the chat turn's <|im_end|>; the base
+  models' is <|endoftext|>, the eos of their generation_config.json (below).
+- [Qwen-Coder-cfg] copies of config.json: Qwen2.5-Coder-0.5B-Instruct's (GoidaAlignment/GOIDA-0.5B,
+  Hachipo/...-MIFT-ja) and Qwen2.5-0.5B's (the base it starts from, osllmai-community/Qwen2.5-0.5B):
+  Qwen2ForCausalLM, model_type qwen2, hidden 896, 24 layers, 14 heads / 2 KV, max_window_layers 24,
+  vocab_size 151936 (past the tokenizer's 151665), tie_word_embeddings true, rope_theta 1e6,
+  rms_norm_eps 1e-6, use_sliding_window false. Qwen2.5-Coder-0.5B's generation_config.json (a copy,
+  PrunaAI/mlx-community-Qwen2.5-Coder-0.5B-bf16-bnb-smashed): bos = eos = 151643; the 1.5B's (a
+  duplicate, beingSong/Qwen2.5-Coder-1.5B) adds max_new_tokens 2048.
+- [StarCoder2-cfg] huggingface.co/bigcode/starcoder2-3b/blob/refs/pr/3/config.json (stored copy):
+  Starcoder2ForCausalLM, model_type starcoder2, hidden 3072, 30 layers, 24 heads / 2 KV,
+  intermediate 12288, hidden_act gelu_pytorch_tanh, norm_type layer_norm, norm_epsilon 1e-5,
+  use_bias true, sliding_window 4096, max_position_embeddings 16384, rope_theta 999999.44, vocab
+  49152, bos = eos = 0. transformers' modeling_starcoder2.py: nn.LayerNorm (weight and bias) before
+  attention, before the MLP and at the end; q/k/v/o_proj with bias; Starcoder2MLP c_fc -> act ->
+  c_proj with bias; lm_head tied to the embedding (tie_word_embeddings defaults to true).
+- [StarCoder-tok] bigcode/starcoderbase-3b's tokenizer_config.json (a stored copy): <|endoftext|>,
+  <fim_prefix>, <fim_middle>, <fim_suffix>, <fim_pad> are ids 0-4, before the regular tokens;
+  StarCoder2 follows them with <repo_name> and <file_sep> (its paper's repository-level format,
+  arXiv 2402.19173 section 5).
 """
 
 from __future__ import annotations
@@ -52,7 +84,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, POSITIONS = 64, 2, 4, 2, 96, 512
 
@@ -250,6 +282,104 @@ def coda(directory: Path) -> Path:
     return _write(directory, config, weights, tokenizer,
                   {"add_bos_token": False, "bos_token": "<|im_end|>", "eos_token": "<|im_end|>",
                    "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "tokenizer_class": "Qwen2Tokenizer"})
+
+
+# Qwen2.5-Coder's added tokens from <|endoftext|>, at their published ids [Qwen-tok] (False: "special": false).
+QWEN25_ADDED = [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+                ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
+                ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
+                ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+                ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+                ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False),
+                ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False)]
+QWEN25_REGULAR, QWEN25_ROWS = 151643, 151936  # tokens before <|endoftext|>; embedding rows [Qwen-Coder-cfg]
+
+
+def qwen25_tokenizer(added: list[tuple[str, bool]] = QWEN25_ADDED) -> Tokenizer:
+    """Byte-level BPE whose regular vocabulary fills the ids below 151643 as Qwen's does (the 256
+    bytes, then tokens " t256", " t257", ... that no merge ever produces), then `added` from 151643."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    byte_char = _byte_chars()
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab.update({"".join(byte_char[b] for b in f" t{i}".encode()): i for i in range(len(vocab), QWEN25_REGULAR)})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    for token, special in added:  # one at a time: each takes the next id
+        tokenizer.add_tokens([AddedToken(token, special=special, normalized=False)])
+    return tokenizer
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: the character each byte is written as."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(rest)}}
+
+
+def qwen25_coder(directory: Path, added: list[tuple[str, bool]] = QWEN25_ADDED) -> Path:
+    """Qwen2.5-Coder-0.5B (base) [Qwen-Coder-cfg, Qwen-tok]: a plain Qwen2 checkpoint (tied, no mask
+    anywhere) whose tokenizer holds the FIM sentinels at their published ids; 151936 embedding rows
+    (bfloat16, as published), the blocks at the tiny size."""
+    tokenizer = qwen25_tokenizer(added)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    config = _qwen2_config(QWEN25_ROWS, architectures=["Qwen2ForCausalLM"], model_type="qwen2", attention_dropout=0.0,
+                           bos_token_id=eos, eos_token_id=eos, initializer_range=0.02, max_window_layers=LAYERS,
+                           tie_word_embeddings=True, use_cache=True)
+    weights = {k: v.to(torch.bfloat16) for k, v in _qwen2_weights(QWEN25_ROWS, tied=True, seed=9).items()}
+    ids = {str(tokenizer.token_to_id(token)): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                                               "single_word": False, "special": special} for token, special in added}
+    tokenizer_config = {"add_prefix_space": False, "added_tokens_decoder": ids,
+                        "additional_special_tokens": [t for t, special in added[1:] if special],
+                        "bos_token": None, "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>",
+                        "errors": "replace", "model_max_length": 32768, "pad_token": "<|endoftext|>",
+                        "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+    return _write(directory, config, weights, tokenizer, tokenizer_config,
+                  {"bos_token_id": eos, "eos_token_id": eos, "max_new_tokens": 2048})
+
+
+STARCODER2_SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>", "<repo_name>",
+                       "<file_sep>"]
+
+
+def starcoder2(directory: Path) -> Path:
+    """StarCoder2-3B [StarCoder2-cfg, StarCoder-tok]: LayerNorm with bias, a GELU MLP c_fc/c_proj,
+    biases everywhere, sliding-window attention; its special tokens first (ids 0-6)."""
+    vocab = {token: i for i, token in enumerate(STARCODER2_SPECIALS)}
+    vocab.update({ch: len(vocab) + i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(STARCODER2_SPECIALS)  # already in the vocabulary: their ids stay
+    rows = len(vocab)
+    g = torch.Generator().manual_seed(10)
+    head_dim = HIDDEN // HEADS
+    weights = {"model.embed_tokens.weight": _random(rows, HIDDEN, generator=g)}
+    norms = ["model.norm"]
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for name, out, inp in (("q", HEADS * head_dim, HIDDEN), ("k", KV_HEADS * head_dim, HIDDEN),
+                               ("v", KV_HEADS * head_dim, HIDDEN), ("o", HIDDEN, HEADS * head_dim)):
+            weights[f"{p}self_attn.{name}_proj.weight"] = _random(out, inp, generator=g)
+            weights[f"{p}self_attn.{name}_proj.bias"] = 0.02 * _random(out, generator=g)
+        for name, out, inp in (("c_fc", FFN, HIDDEN), ("c_proj", HIDDEN, FFN)):
+            weights[f"{p}mlp.{name}.weight"] = _random(out, inp, generator=g)
+            weights[f"{p}mlp.{name}.bias"] = 0.02 * _random(out, generator=g)
+        norms += [f"{p}input_layernorm", f"{p}post_attention_layernorm"]
+    for norm in norms:
+        weights[f"{norm}.weight"] = 1 + 0.1 * _random(HIDDEN, generator=g)
+        weights[f"{norm}.bias"] = 0.02 * _random(HIDDEN, generator=g)
+    config = {"architectures": ["Starcoder2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 0,
+              "eos_token_id": 0, "hidden_act": "gelu_pytorch_tanh", "hidden_size": HIDDEN,
+              "initializer_range": 0.018042, "intermediate_size": FFN, "max_position_embeddings": POSITIONS,
+              "mlp_type": "default", "model_type": "starcoder2", "norm_epsilon": 1e-05, "norm_type": "layer_norm",
+              "num_attention_heads": HEADS, "num_hidden_layers": LAYERS, "num_key_value_heads": KV_HEADS,
+              "rope_theta": 999999.4420358813, "sliding_window": POSITIONS // 4, "transformers_version": "4.37.0.dev0",
+              "use_bias": True, "use_cache": True, "vocab_size": rows}
+    return _write(directory, config, weights, tokenizer,
+                  {"additional_special_tokens": STARCODER2_SPECIALS, "bos_token": "<|endoftext|>",
+                   "eos_token": "<|endoftext|>", "model_max_length": 1000000000000000019884624838656,
+                   "tokenizer_class": "GPT2Tokenizer", "unk_token": "<|endoftext|>", "vocab_size": rows})
 
 
 # name -> (writer, model_type, logit shift, the layout's lead and tail tokens by name)

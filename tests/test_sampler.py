@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from engine.api import DecodeOptions, EngineError, leaves_block
+from engine.config import FAMILIES
 from engine.loader import SpecialIds
-from engine.sampler import Denoiser, build_layout, top_p_filter, transfer_schedule
+from engine.sampler import SCHEDULES, Denoiser, build_layout, top_p_filter, transfer_schedule
 
 MASK, EOS, BOS, PAD = 9, 8, 7, 8
 VOCAB = 10
@@ -43,8 +44,69 @@ def test_layout_trims_the_far_ends():
 
 
 def test_transfer_schedule():
+    """LLaDA's get_num_transfer_tokens: n // steps each, the remainder one each to the first steps."""
     assert transfer_schedule(10, 4) == [3, 3, 2, 2]
+    assert transfer_schedule(32, 16) == [2] * 16
+    assert transfer_schedule(8, 8) == [1] * 8
+    assert transfer_schedule(5, 2) == [3, 2]
     assert transfer_schedule(3, 8) == [1, 1, 1]
+
+
+@pytest.mark.parametrize("n, steps, counts", [
+    # Times 1, .75025, .5005, .25075, .001: 10 * .24975 = 2.5 -> 2; 8 * (1 - .5005 / .75025) = 2.66 -> 2;
+    # 6 * (1 - .25075 / .5005) = 2.99 -> 2; the last step all 4 left.
+    (10, 4, [2, 2, 2, 4]),
+    # Each step's time falls by .999 / 8: the first unmasks int(8 * .124875) = 0, then 8 * .1427 and
+    # 7 * .1665 ... -> 1 each; 2 are left for the last.
+    (8, 8, [0, 1, 1, 1, 1, 1, 1, 2]),
+    # 32 * .0624375 = 1.998 -> 1, then 31 * (1 - .875125 / .9375625) = 2.06 -> 2, ... 3 at the last.
+    (32, 16, [1] + [2] * 14 + [3]),
+    (5, 2, [2, 3]),  # 5 * (1 - .5005) = 2.4975 -> 2
+    (12, 3, [3, 4, 5]),  # 12 * .333 = 3.996 -> 3; 9 * (1 - .334 / .667) = 4.49 -> 4
+    (16, 1, [16]),
+])
+def test_dream_schedule_as_dreams_decoder_counts(n, steps, counts):
+    """Dream's _sample: over times linspace(1, 1e-3, steps + 1), the step from t to s unmasks
+    int(m * (1 - s / t)) of the m masks left, the last step every mask left."""
+    assert transfer_schedule(n, steps, "dream") == counts
+    assert sum(counts) == n
+
+
+def test_each_family_spreads_its_masks_by_its_own_decoders_schedule():
+    assert {name: family.schedule for name, family in FAMILIES.items() if family.schedule != "even"} == \
+        {"dream": "dream", "coda": "dream"}  # Dream's generation_utils.py, and CoDA's own copy of it
+    assert {family.schedule for family in FAMILIES.values()} <= set(SCHEDULES)
+    with pytest.raises(ValueError, match="schedule"):
+        transfer_schedule(4, 2, "cosine")
+
+
+def test_a_dream_step_that_unmasks_nothing_is_not_run():
+    den = Denoiser(layout(n=8), 1, DecodeOptions(policy="steps", steps=8), SPECIAL, device="cpu", schedule="dream")
+    assert [den.step_count(i) for i in range(7)] == [1, 1, 1, 1, 1, 1, 2]
+    even = Denoiser(layout(n=8), 1, DecodeOptions(policy="steps"), SPECIAL, device="cpu")
+    assert [even.step_count(i) for i in range(8)] == [1] * 8
+
+
+@pytest.mark.parametrize("n, steps", [(8, 8), (10, 4), (32, 16), (24, 7), (50, 50)])
+def test_dreams_counts_from_the_masks_left_equal_the_schedule_from_n_and_steps(n, steps):
+    """Dream derives each step's count from the masks its state has left; Lacuna's schedule
+    (which the CUDA-graph path reads ahead, step by step) from (n, steps). Greedy, each step unmasks
+    exactly its count, so the two agree: a run that counts as Dream does, from the masks left."""
+    den = Denoiser(layout(n=n), 1, DecodeOptions(policy="steps", steps=steps), SPECIAL, device="cpu",
+                   schedule="dream")
+    times = torch.linspace(1, 1e-3, steps + 1)
+    generator = torch.Generator().manual_seed(n)
+    for i in range(steps):
+        left = den.masked.sum() / 1  # as Dream's _sample: the masks left per row, in float32
+        count = int(left * (1 - times[i + 1] / times[i])) if i < steps - 1 else int(left)
+        if count == 0:
+            continue  # Dream runs a forward and keeps nothing; Lacuna runs none
+        assert den.step_count(den.steps) == count
+        logits = torch.randn(1, n, VOCAB, generator=generator)
+        logits[..., EOS] = -1e9  # no stop: every mask is Dream's to unmask
+        den.update(logits, torch.arange(n))
+        assert int(den.masked.sum()) == int(left) - count
+    assert den.done
 
 
 def logits_for(rows):
@@ -90,6 +152,13 @@ def test_low_confidence_remasking_follows_the_schedule():
     step(den, [(1, 0.2), (2, 0.6), (3, 0.7), (4, 0.3)])
     assert den.done and den.steps == 2
     assert den.result_rows()[0][0] == [1, 2, 3, 4]
+
+
+def test_equal_scores_go_to_the_leftmost_position():
+    for count, kept in ((1, [0]), (2, [0, 2])):
+        den = denoiser(n=4, policy="fixed", tokens_per_step=count)
+        step(den, [(1, 0.6), (2, 0.3), (3, 0.6), (4, 0.6)])
+        assert [i for i, masked in enumerate(den.masked[0].tolist()) if not masked] == kept
 
 
 def test_orderings_rank_positions_differently():
@@ -255,7 +324,8 @@ def test_temperature_sampling_is_seeded():
 
 
 @pytest.mark.parametrize("bad", [dict(policy="greedy"), dict(ordering="random"), dict(steps=0),
-                                 dict(threshold=1.5), dict(temperature=-1), dict(top_p=0),
+                                 dict(threshold=1.5), dict(threshold=0), dict(threshold=-0.1),
+                                 dict(threshold=float("nan")), dict(temperature=-1), dict(top_p=0),
                                  dict(tokens_per_step=0), dict(refresh_every=-1), dict(min_tokens=-1),
                                  dict(lookup=-1), dict(block_indent=-1)])
 def test_invalid_options(bad):

@@ -1,6 +1,7 @@
 """The engine service (`lacuna engine`) over real HTTP, and `lacuna serve` using it."""
 
 import asyncio
+import dataclasses
 import json
 import signal
 import socket
@@ -17,7 +18,7 @@ from lsprotocol import types
 from test_runner import CAUSAL
 from test_server import command, inline, open_doc, start, stop
 
-from engine.api import DecodeOptions, EngineError, Limits, leaves_block
+from engine.api import DecodeOptions, EngineError, Limits, leaves_block, time_budget_from_wire, time_budget_to_wire
 from engine.bench.service import load
 from engine.engine import Engine
 from engine.loader import load_checkpoint, random_model
@@ -134,6 +135,17 @@ def test_health_models_and_metrics(constant_service):
     (b'{"prompt": "a", "n": 1000}', 400, "n is over the limit of 8"),
     (b'{"prompt": "a", "temperature": -1}', 422, "temperature"),
     (b'{"prompt": "a", "top_p": 0}', 422, "top_p"),
+    (b'{"prompt": "a", "threshold": 0}', 422, "threshold must be within (0, 1]"),
+    (b'{"prompt": "a", "threshold": 1.5}', 422, "threshold must be within (0, 1]"),
+    (b'{"prompt": "a", "max_tokens": 4, "policy": "steps", "steps": 5}', 422,
+     "steps (5) must not be more than the 4 masked tokens"),
+    (b'{"prompt": "a", "steps": "many"}', 422, "steps must be int or None"),
+    (b'{"prompt": "a", "single_line": 1}', 422, "single_line must be bool"),
+    (b'{"prompt": "a", "temperature": NaN}', 422, "temperature must be finite"),
+    (b'{"prompt": "a", "time_budget_ms": 0}', 422, "time_budget_ms must be a number within (0, 60000]"),
+    (b'{"prompt": "a", "time_budget_ms": -5}', 422, "time_budget_ms"),
+    (b'{"prompt": "a", "time_budget_ms": 60001}', 422, "time_budget_ms"),
+    (b'{"prompt": "a", "time_budget_ms": "soon"}', 422, "time_budget_ms"),
 ])
 def test_bad_requests_get_a_clear_4xx(constant_service, body, status, says):
     response = httpx.post(f"{constant_service.url}/v1/fim/completions", content=body,
@@ -349,3 +361,76 @@ async def test_language_server_survives_the_engine_being_killed(constant_checkpo
             await stop(client)
         engine.kill()
         engine.wait()
+
+
+# Every DecodeOptions field, none at its default: a field added to DecodeOptions fails the test until
+# it is given here.
+EVERY_OPTION = dict(policy="steps", steps=3, threshold=0.5, tokens_per_step=2, ordering="margin", temperature=0.5,
+                    top_p=0.9, seed=7, use_cache=False, refresh_every=2, min_tokens=1, single_line=True, lookup=3,
+                    score_suffix=2, block_indent=4)
+
+
+def test_every_decode_option_goes_over_the_wire_and_back():
+    assert set(EVERY_OPTION) == {f.name for f in dataclasses.fields(DecodeOptions)}
+    options = DecodeOptions(**EVERY_OPTION)
+    assert all(getattr(options, f.name) != f.default for f in dataclasses.fields(DecodeOptions))
+    wire = json.loads(json.dumps(options.to_wire()))  # as JSON carries it
+    assert DecodeOptions.from_wire(wire) == options
+    assert DecodeOptions.from_wire({"prompt": "a", "max_tokens": 4}) == DecodeOptions()  # the request's own keys
+    assert DecodeOptions.from_wire({"threshold": 1, "ordering": None}).threshold == 1.0
+    assert time_budget_from_wire(json.loads(json.dumps(time_budget_to_wire(0.25)))) == 0.25
+    assert time_budget_to_wire(None) == {} and time_budget_from_wire({}) is None
+
+
+async def test_a_remote_engine_sends_every_option_and_the_time_budget(constant_service, monkeypatch):
+    """What RemoteEngine.infill is given is what the engine behind `lacuna engine` is given."""
+    engine, given = constant_service.engine, []
+    infill = engine.infill
+
+    async def spy(*args, **kwargs):
+        given.append(kwargs)
+        return await infill(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "infill", spy)
+    remote = RemoteEngine(constant_service.url)
+    try:
+        options = DecodeOptions(**EVERY_OPTION)
+        await remote.infill("a = ", "", 4, n=2, options=options, time_budget=2.5)
+        await remote.infill("a = ", "", 4)
+    finally:
+        await remote.close()
+    assert given[0] == dict(n=2, options=options, time_budget=2.5)
+    assert given[1] == dict(n=1, options=DecodeOptions(), time_budget=None)
+
+
+async def test_a_remote_engine_stops_decoding_at_its_time_budget(slow_service):
+    """Over HTTP as in process, the engine answers with what it has decoded once the budget is
+    spent: fewer steps than the one-token-a-step infill needs, and the choice says "budget"."""
+    remote = RemoteEngine(slow_service.url)
+    options = DecodeOptions(use_cache=False)  # a full forward a step: 256 steps take seconds
+    try:
+        started = time.monotonic()
+        [cut] = await remote.infill("def f(" * 50, "", 256, options=options, time_budget=0.2)
+        elapsed = time.monotonic() - started
+        [whole] = await remote.infill("def f(" * 50, "", 8, options=options)
+    finally:
+        await remote.close()
+    assert cut.finish_reason == "budget" and 0 < cut.steps < 256
+    assert elapsed < 0.2 + 1.5  # the budget, and one step and the round trip past it
+    assert whole.finish_reason in ("stop", "length") and whole.steps >= 1
+
+
+@pytest.mark.parametrize("ask, says", [
+    (dict(n_tokens=4, options=DecodeOptions(policy="steps", steps=5)), "steps"),
+    (dict(n_tokens=4, time_budget=0), "time_budget"),
+    (dict(n_tokens=4, time_budget=61), "time_budget"),
+])
+async def test_a_remote_engine_refuses_bad_input_as_the_engine_does(constant_service, ask, says):
+    remote = RemoteEngine(constant_service.url)
+    try:
+        with pytest.raises(ValueError, match=says):
+            await remote.infill("a = ", "", **ask)
+        with pytest.raises(ValueError, match=says):
+            await constant_service.engine.infill("a = ", "", **ask)
+    finally:
+        await remote.close()

@@ -10,6 +10,7 @@ steps (the Engine batches them); a client that disconnects cancels its work. Als
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import os
@@ -21,32 +22,27 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..api import Completion, DecodeOptions, EngineError, Limits
+from ..api import Completion, DecodeOptions, EngineError, Limits, check_infill, time_budget_from_wire
 from ..engine import Engine
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class FimRequest(BaseModel):
+    """The request's own fields. How it decodes comes in the fields of DecodeOptions, by their names
+    (DecodeOptions.from_wire: `temperature`, `top_p`, `seed` and `min_tokens` as other FIM APIs
+    name them, and Lacuna's, e.g. `score_suffix`, `block_indent`, `policy`, `steps`), and its
+    time budget in `time_budget_ms` (engine.api)."""
+
     model_config = ConfigDict(extra="ignore")  # clients send fields of other FIM APIs too
 
     prompt: str
     suffix: str = ""
     model: str | None = None
     max_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
-    seed: int | None = None
-    min_tokens: int = Field(0, ge=0)  # vLLM's: the first k tokens are never the end of the text
-    # Lacuna's: each choice's `score`, the causal model's log-likelihood of its text and then of
-    # this many suffix tokens (to rank candidates by how well they fit the code after the cursor).
-    score_suffix: int = Field(0, ge=0)
-    # Lacuna's: the text ends after a whole line, past its first, indented less than this many
-    # columns that opens nothing (the block at the cursor has closed; llama.cpp's n_indent).
-    block_indent: int | None = Field(None, ge=0)
 
 
 class RequestError(Exception):
@@ -96,7 +92,9 @@ def check_api_key(request: Request, api_key: str | None) -> None:
         raise RequestError(401, "a valid API key is required (Authorization: Bearer KEY)")
 
 
-async def read_fim_request(request: Request, limits: Limits) -> FimRequest:
+async def read_fim_request(request: Request, limits: Limits) -> tuple[FimRequest, DecodeOptions, float | None]:
+    """The request, how it decodes and its time budget in seconds (None: none); RequestError
+    where any is refused."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise RequestError(413, f"the body is over the {limits.max_body_bytes}-byte limit")
@@ -125,7 +123,17 @@ async def read_fim_request(request: Request, limits: Limits) -> FimRequest:
         raise RequestError(400, f"n is over the limit of {limits.max_n}", "n")
     if len(fim.prompt) + len(fim.suffix) > limits.max_context_chars:
         raise RequestError(413, f"prompt and suffix are over the {limits.max_context_chars}-character limit", "prompt")
-    return fim
+    fim.stop = [fim.stop] if isinstance(fim.stop, str) else fim.stop or []
+    try:
+        options = DecodeOptions.from_wire(data)
+        if "\n" in fim.stop:  # a client that stops at a line break wants one line: no steps past it
+            options = dataclasses.replace(options, single_line=True)
+        budget = time_budget_from_wire(data)
+        check_infill(fim.max_tokens, options, budget)  # as the engine checks it in process
+    except ValueError as err:
+        field = str(err).split()[0]
+        raise RequestError(422, str(err), field if field in data else None) from None
+    return fim, options, budget
 
 
 async def until_disconnected(request: Request) -> None:
@@ -172,13 +180,11 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
     @app.post("/v1/fim/completions")
     async def fim_completions(request: Request):
         check_api_key(request, api_key)
-        fim = await read_fim_request(request, limits)
-        stop = [fim.stop] if isinstance(fim.stop, str) else fim.stop or []
-        # A client that stops at a line break wants one line: no steps are spent past it.
-        options = DecodeOptions(temperature=fim.temperature, top_p=fim.top_p, seed=fim.seed, single_line="\n" in stop,
-                                min_tokens=fim.min_tokens, score_suffix=fim.score_suffix, block_indent=fim.block_indent)
+        fim, options, budget = await read_fim_request(request, limits)
+        stop = fim.stop
         start = time.perf_counter()
-        work = asyncio.ensure_future(engine.infill(fim.prompt, fim.suffix, fim.max_tokens, n=fim.n, options=options))
+        work = asyncio.ensure_future(engine.infill(fim.prompt, fim.suffix, fim.max_tokens, n=fim.n, options=options,
+                                                   time_budget=budget))
         watch = asyncio.ensure_future(until_disconnected(request))
         try:
             await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
@@ -191,7 +197,10 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
             return Response(status_code=499)
         try:
             completions = work.result()
-        except (EngineError, ValueError) as err:
+        except ValueError as err:  # a request the engine refuses (e.g. masks the model's positions cannot hold)
+            metrics.requests.labels("422").inc()
+            return error_response(422, str(err))
+        except EngineError as err:
             metrics.requests.labels("500").inc()
             return error_response(500, f"infill failed: {err}")
         seconds = time.perf_counter() - start
@@ -202,17 +211,19 @@ def create_app(engine: Engine, *, model_name: str | None = None, api_key: str | 
         metrics.requests.labels("200").inc()
         answer = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                   "model": name, "choices": [], "usage": usage(completions[0].context_tokens, produced)}
+        reasons = []  # the engine's, by choice: "budget" where the time ran out (OpenAI's say "length")
         for index, completion in enumerate(completions):
             text, reason = truncate_at_stop(completion, stop)
+            reasons.append("stop" if text != completion.text else completion.finish_reason)
             choice = {"index": index, "text": text, "finish_reason": reason, "logprobs": None}
-            if fim.score_suffix:
+            if options.score_suffix:
                 choice["score"] = completion.score  # None where not scored (a bidirectional model)
             answer["choices"].append(choice)
         steps = max(c.steps for c in completions)
         confidences = [x for c in completions for x in c.confidences]
         answer["lacuna"] = {"steps": steps, "tokens_per_step": round(produced / len(completions) / max(steps, 1), 3),
                             "mean_confidence": round(sum(confidences) / len(confidences), 4) if confidences else None,
-                            "latency_ms": round(seconds * 1000, 2), "pid": os.getpid()}
+                            "latency_ms": round(seconds * 1000, 2), "pid": os.getpid(), "finish_reasons": reasons}
         if not fim.stream:
             return answer
         return StreamingResponse(sse_events(answer), media_type="text/event-stream")
