@@ -84,9 +84,10 @@ FAMILIES = {
                            ordering="left_to_right", causal=True),
     # The bundled model adapted to masked-diffusion infilling (`lacuna train adapt`): SmolLM2's
     # Llama, shifted logits, context-causal, suffix-prefix-middle with <file_sep> between them (the
-    # token its pre-training put between files of one repository).
+    # token its pre-training put between files of one repository). It decodes left to right, as
+    # its autoregressive start reads best (the confident run after the leftmost mask kept a step).
     "llama_spm": Family("llama", 1, bos=False, eos_after_suffix=False, stop_tokens=("<|im_end|>",),
-                        ordering="confidence", context_causal=True, spm_separator="<file_sep>"),
+                        ordering="left_to_right", context_causal=True, spm_separator="<file_sep>"),
     # Qwen2.5-Coder (base), fill-in-the-middle: a Qwen2 checkpoint whose tokenizer holds the FIM
     # sentinels and no mask (the loader tells it from Open-dCoder's `qwen2`, see `fim_variant`). Its
     # card's prompt is `<|fim_prefix|>` prefix `<|fim_suffix|>` suffix `<|fim_middle|>`, and its

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .api import EngineError
-from .graphs import GRAPH_CHUNK, StepGraph, cache_slots
+from .graphs import GRAPH_CHUNK, StepGraph, cache_slots, constraint_shape, step_options
 from .loader import LoadedModel
 from .model import KVCache
 from .scheduler import Request
@@ -223,21 +223,24 @@ class StepRunner:
         return results
 
     def _graph_for(self, request: Request) -> StepGraph | None:
-        """The graph that steps a lone greedy request; None without graphs, or while another live
-        request's keys are in the graph it needs."""
+        """The graph that steps a lone greedy request of a diffusion model; None without graphs, or
+        while another live request's keys are in the graph it needs. A causal model's columns
+        change every step: it is never graphed."""
         den, context = request.denoiser, self.contexts[request.id]
-        if not self.cuda_graphs or den.options.temperature > 0:
+        if not self.cuda_graphs or self.causal or den.options.temperature > 0:
             return None
         chunk = GRAPH_CHUNK
         if den.options.refresh_every:
             chunk = min(chunk, den.options.refresh_every - context.since_encode)
         counts = tuple(den.step_count(den.steps + i) for i in range(chunk))
-        key = (request.n, den.end - den.start + self.shift, cache_slots(context.cache.slots), den.options, counts)
+        key = (request.n, den.end - den.start + self.shift, cache_slots(context.cache.slots),
+               step_options(den.options), counts, constraint_shape(den))
         graph = self.graphs.pop(key, None)
         if graph is None:
             if len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.pop(next(iter(self.graphs)))  # the least recently used
-            graph = StepGraph(self.model, *key[:3], self.shift, den.options, counts, self.special)
+            graph = StepGraph(self.model, *key[:3], self.shift, key[3], counts, self.special, key[5],
+                              context_causal=self.context_causal)
         self.graphs[key] = graph
         return None if graph.owner not in (None, request.id) and graph.owner in self.contexts else graph
 

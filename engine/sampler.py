@@ -202,12 +202,15 @@ class Denoiser:
                 self.drafted = len(draft)
                 return
 
-    def load_window(self, shift: int, tokens: Tensor, masked: Tensor, confidence: Tensor, steps: int = 0) -> None:
+    def load_window(self, shift: int, tokens: Tensor, masked: Tensor, confidence: Tensor, fresh: Tensor,
+                    steps: int = 0) -> None:
         """Take over a state advanced elsewhere (a CUDA graph's): `tokens` for the window from the
-        position that predicts the first masked one, the masks and confidences, `steps` more steps."""
+        position that predicts the first masked one, the masks, confidences and the positions
+        decoded last, `steps` more steps."""
         self.x[:, self.start - shift:self.end].copy_(tokens)
         self.masked.copy_(masked)
         self.confidence.copy_(confidence)
+        self.fresh.copy_(fresh)
         self.steps += steps
 
     def step_count(self, step: int) -> int | None:
@@ -259,7 +262,7 @@ class Denoiser:
             after_end |= broken.cumsum(dim=1) - broken.long() > 0
         middle.copy_(torch.where(after_end, self.pad, middle))
         masked &= ~after_end
-        self.fresh = keep | after_end
+        self.fresh.copy_(keep | after_end)  # in place: a CUDA graph's state is static
 
     def _constrain(self, logits: Tensor, columns: Tensor | None) -> Tensor:
         """No stop (nor, in a single line, a line break) among the first `min_tokens`; with token

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End to end in real VS Code: packages the extension, installs the .vsix into code-server and
 # drives it in Debian's Chromium with Playwright (drive.mjs): in a Python file of a temporary
-# workspace it types, waits for the ghost text (screenshot.png), accepts it with Tab and checks the
+# workspace it types, waits for the ghost text (a screenshot: $SCREENSHOT, by default in the run's
+# temporary folder; SCREENSHOT=editors/vscode/screenshot.png refreshes the README's), accepts it with Tab and checks the
 # file; accepts a suggestion while the server restarts; toggles suggestions from the status bar;
 # and starts a server that exits at once (one message, no restart loop).
 #
@@ -16,7 +17,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 extension=$(dirname "$here")
 cache=${LACUNA_E2E_CACHE:-$HOME/.cache/lacuna-vscode-e2e}
 lacuna=${LACUNA:-$(command -v lacuna || true)}
-[ -n "$lacuna" ] || { echo "lacuna not found: pip install -e . in the repository, or set LACUNA" >&2; exit 1; }
+[ -n "$lacuna" ] || { echo "lacuna not found: pip install -e '.[test]' in the repository, or set LACUNA" >&2; exit 1; }
 python=$(dirname "$(readlink -f "$lacuna")")/python
 [ -x "$python" ] || python=python3  # the python beside lacuna (a virtualenv's), else the one on PATH
 port=${PORT:-8093}
@@ -75,7 +76,8 @@ JSON
 # A key for `Lacuna: Restart Server`: the command palette would take the focus and the ghost text.
 echo '[{ "key": "ctrl+alt+r", "command": "lacuna.restart" }]' > "$work/data/User/keybindings.json"
 
-code-server --auth none --bind-addr "127.0.0.1:$port" --user-data-dir "$work/data" \
+# --config: code-server would otherwise write ~/.config/code-server/config.yaml.
+code-server --auth none --bind-addr "127.0.0.1:$port" --user-data-dir "$work/data" --config "$work/config.yaml" \
   --extensions-dir "$work/extensions" --disable-telemetry --disable-update-check \
   "$work/workspace" > "$work/code-server.log" 2>&1 &
 server_pid=$!
@@ -85,7 +87,7 @@ for _ in $(seq 120); do
 done
 
 E2E_MODULES=$cache/node_modules node "$here/drive.mjs" "http://127.0.0.1:$port/?folder=$work/workspace" \
-  "$work" "$extension/screenshot.png" || {
+  "$work" "${SCREENSHOT:-$work/screenshot.png}" || {
   echo "--- code-server log"; cat "$work/code-server.log"
   find "$work/data/logs" -name '*Lacuna*' -exec sh -c 'echo "--- $1"; cat "$1"' _ {} \;
   exit 1
