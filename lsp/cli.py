@@ -217,7 +217,7 @@ def cmd_bench(args) -> int:
 
     return latency.main(model_dir=args.model, shape=args.shape, device=args.device, dtype=args.dtype,
                         quick=args.quick, reps=args.reps, tokens_per_step=args.tokens_per_step, as_json=args.json,
-                        int8=args.int8)
+                        int8=args.int8, windows=args.windows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on GPUs, fp32 on CPUs")
     bench.add_argument("--reps", type=int, default=5)
     bench.add_argument("--tokens-per-step", type=int, default=4, help="fixed policy for random weights")
+    bench.add_argument("--windows", action="store_true", help="the cached samplers with partial windows too "
+                       "(Engine(full_windows=False)), their runs alternating with the default full windows'")
     _add_model_args(bench, "also the same rows with int8 linear layers, side by side")
     bench.set_defaults(func=cmd_bench)
 

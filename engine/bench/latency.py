@@ -108,14 +108,22 @@ class Autoregressive:
 
 
 def _timed(fn, reps: int, sync) -> list[float]:
-    fn()  # warm-up: kernels, allocator, autotuning
-    times = []
+    return _timed_alternating([fn], reps, sync)[0]
+
+
+def _timed_alternating(fns: list, reps: int, sync) -> list[list[float]]:
+    """Each of `fns`' times in ms over `reps` runs, their runs alternating, so that a slow spell of
+    a shared machine falls on each alike."""
+    for fn in fns:
+        fn()  # warm-up: kernels, allocator, autotuning
+    times = [[] for _ in fns]
     for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1000)
+        for fn, own in zip(fns, times):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            own.append((time.perf_counter() - start) * 1000)
     return times
 
 
@@ -127,7 +135,12 @@ def _bandwidth_gbps(device: torch.device) -> float | None:
 
 
 def run(engine: Engine, *, shape: str, contexts=(512, 2048), middles=(16, 32, 64, 128),
-        samplers=SAMPLERS, reps: int = 5, tokens_per_step: int = 4, progress=None) -> list[dict]:
+        samplers=SAMPLERS, reps: int = 5, tokens_per_step: int = 4, progress=None,
+        partial: Engine | None = None) -> list[dict]:
+    """The rows of every sampler at every context and middle size. With `partial`, an engine of
+    the same model with partial windows (Engine(full_windows=False)), the cached samplers also
+    run on it, their runs alternating with `engine`'s; its rows carry `windows` "partial" and
+    `vs_full`, their median time over the full windows' (`engine`'s rows, `windows` "full")."""
     model = engine.loaded.model
     device = engine.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -141,44 +154,56 @@ def run(engine: Engine, *, shape: str, contexts=(512, 2048), middles=(16, 32, 64
         prefix, suffix = ids[: context * 3 // 4], ids[context * 3 // 4:]
         for middle in middles:
             for sampler in samplers:
-                steps = [middle]
+                windows = ["full", "partial"] if partial is not None and sampler.startswith("cached") else [None]
+                steps = [middle] * len(windows)
                 if sampler == "autoregressive":
-                    fn = lambda: autoregressive(suffix + prefix, middle)  # noqa: E731
+                    fns = [lambda: autoregressive(suffix + prefix, middle)]
                 else:
                     opts = decode_options(sampler, engine.loaded.random_weights, tokens_per_step)
 
-                    def fn(opts=opts):
-                        steps[0] = engine.submit_ids(prefix, suffix, middle, options=opts).result()[0].steps
-                times = _timed(fn, reps, sync)
-                p50 = statistics.median(times)
-                row = {
-                    "sampler": sampler, "shape": shape, "device": str(device),
-                    "dtype": str(model.dtype).removeprefix("torch."),
-                    "context": context, "middle": middle, "steps": steps[0],
-                    "p50_ms": round(p50, 3),
-                    "p95_ms": round(sorted(times)[min(len(times) - 1, round(0.95 * (len(times) - 1)))], 3),
-                    "tokens_per_s": round(middle / p50 * 1000, 1),
-                    "step_ms": round(p50 / steps[0], 4),
-                }
-                if bandwidth:
-                    row["bandwidth_bound_step_ms"] = round(weight_bytes / (bandwidth * 1e9) * 1000, 4)
-                rows.append(row)
-                if progress:
-                    progress(row)
+                    def infill(i, own, opts=opts):
+                        steps[i] = own.submit_ids(prefix, suffix, middle, options=opts).result()[0].steps
+                    engines = [engine, partial][:len(windows)]
+                    fns = [lambda i=i, own=own: infill(i, own) for i, own in enumerate(engines)]
+                medians = []
+                for kind, times, own_steps in zip(windows, _timed_alternating(fns, reps, sync), steps):
+                    p50 = statistics.median(times)
+                    medians.append(p50)
+                    row = {
+                        "sampler": sampler, "shape": shape, "device": str(device),
+                        "dtype": str(model.dtype).removeprefix("torch."),
+                        "context": context, "middle": middle, "steps": own_steps,
+                        "p50_ms": round(p50, 3),
+                        "p95_ms": round(sorted(times)[min(len(times) - 1, round(0.95 * (len(times) - 1)))], 3),
+                        "tokens_per_s": round(middle / p50 * 1000, 1),
+                        "step_ms": round(p50 / own_steps, 4),
+                    }
+                    if kind is not None:
+                        row["windows"] = kind
+                    if kind == "partial":
+                        row["vs_full"] = round(p50 / medians[0], 3)
+                    if bandwidth:
+                        row["bandwidth_bound_step_ms"] = round(weight_bytes / (bandwidth * 1e9) * 1000, 4)
+                    rows.append(row)
+                    if progress:
+                        progress(row)
     return rows
 
 
 def format_row(row: dict) -> str:
     bound = f"  bound {row['bandwidth_bound_step_ms']:.3f} ms/step" if "bandwidth_bound_step_ms" in row else ""
-    return (f"{row['sampler']:<17} {row['shape']:<6} ctx {row['context']:>5} mid {row['middle']:>4}  "
+    windows = f" ({row['windows']})" if "windows" in row else ""
+    ratio = f"  {row['vs_full']:.3f}x full windows' time" if "vs_full" in row else ""
+    return (f"{row['sampler'] + windows:<27} {row['shape']:<6} ctx {row['context']:>5} mid {row['middle']:>4}  "
             f"steps {row['steps']:>4}  p50 {row['p50_ms']:>9.2f} ms  p95 {row['p95_ms']:>9.2f} ms  "
-            f"{row['tokens_per_s']:>9.1f} tok/s  {row['step_ms']:.3f} ms/step{bound}")
+            f"{row['tokens_per_s']:>9.1f} tok/s  {row['step_ms']:.3f} ms/step{bound}{ratio}")
 
 
 def main(*, model_dir: str | None, shape: str | None, device: str | None, dtype: str | None, quick: bool,
-         reps: int, tokens_per_step: int, as_json: bool, int8: bool = False) -> int:
+         reps: int, tokens_per_step: int, as_json: bool, int8: bool = False, windows: bool = False) -> int:
     """`lacuna bench`: the rows printed as they come (or as one JSON list); with `int8`, then the
-    same rows with int8 linear layers."""
+    same rows with int8 linear layers; with `windows`, the cached samplers with partial windows
+    too, beside the default full windows (see `run`)."""
     device = device or default_device()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype) \
         or default_dtype(device)
@@ -206,11 +231,14 @@ def main(*, model_dir: str | None, shape: str | None, device: str | None, dtype:
         if quantized:
             quantize_int8(loaded)
         engine = Engine(loaded, max_tokens=128)
+        partial = Engine(loaded, max_tokens=128, full_windows=False) if windows else None
         try:
             rows += run(engine, shape=name + ("+int8" if quantized else ""), tokens_per_step=tokens_per_step,
-                        progress=progress, **plan)
+                        progress=progress, partial=partial, **plan)
         finally:
             engine.close()
+            if partial is not None:
+                partial.close()
     if as_json:
         print(json.dumps(rows, indent=1))
     return 0

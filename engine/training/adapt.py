@@ -292,7 +292,7 @@ def adapt(corpus_dir: str | Path | Sequence[str | Path], out_dir: str | Path, *,
           attention: str = "context_causal", minutes: float | None = None, steps: int | None = None,
           batch_size: int = 8, seq_len: int = 512, lr: float = 2e-4, warmup_steps: int = 20,
           ar_weight: float = 0.5, weight_decay: float = 0.0, grad_clip: float = 1.0, seed: int = 0,
-          save_every_minutes: float = 10.0, heldout_rows: int = 64, state_dir: str | Path | None = None,
+          save_every_minutes: float = 5.0, heldout_rows: int = 64, state_dir: str | Path | None = None,
           threads: int | None = None, device: str | None = None,
           on_release: Callable[[Path], None] | None = None) -> dict:
     """Train the adaptation for `minutes` (this stretch) or up to `steps` in all, resuming from
