@@ -439,3 +439,34 @@ def test_a_dream_model_decodes_by_dreams_schedule_graphed_as_eager(device, steps
     finally:
         graphed.close()
         eager.close()
+
+
+@pytest.mark.parametrize("model_type", ["llada", "dream", "lacuna", "llama_spm", "llama_causal"])
+def test_full_windows_are_the_default_and_partial_ones_an_option(model_type):
+    """Every step of a diffusion model feeds its whole middle unless told otherwise (a causal
+    model's window is its own either way)."""
+    loaded = random_model(dataclasses.replace(PRESETS["tiny"], model_type=model_type))
+    for kwargs, full in (({}, True), ({"full_windows": False}, False)):
+        engine = Engine(loaded, warmup=False, **kwargs)
+        try:
+            assert engine.runner.full_windows is full
+            assert not engine.runner.cuda_graphs  # on a CPU, never
+        finally:
+            engine.close()
+
+
+@pytest.mark.parametrize("options", [DecodeOptions(policy="steps", steps=8), DecodeOptions(),
+                                     DecodeOptions(policy="fixed", tokens_per_step=2, min_tokens=8)])
+def test_full_windows_of_a_context_causal_model_are_the_uncached_steps(options):
+    """A context-causal model's context keys depend on nothing after them, so feeding the whole
+    middle against them is the uncached step exactly (`llama_spm`, the adapted bundled model)."""
+    from test_graphs import PREFIXES, lively
+
+    engine = Engine(lively("llama_spm"), warmup=False)
+    try:
+        for prefix in PREFIXES:
+            cached = engine.complete(prefix, SUFFIX, 24, n=2, options=options)
+            uncached = engine.complete(prefix, SUFFIX, 24, n=2, options=dataclasses.replace(options, use_cache=False))
+            assert [(c.token_ids, c.steps) for c in cached] == [(c.token_ids, c.steps) for c in uncached]
+    finally:
+        engine.close()
