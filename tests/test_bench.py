@@ -22,3 +22,19 @@ def test_autoregressive_baseline_is_greedy_causal_decoding(device):
             expected.append(int(model.logits(hidden[:, -1]).argmax()))
     assert Autoregressive(model, graphs=False)(context, 10) == expected[150:]
     assert Autoregressive(model, graphs=True)(context, 10) == expected[150:]
+
+
+def test_bench_times_partial_windows_beside_full_ones():
+    from engine.bench.latency import run
+    from engine.engine import Engine
+
+    loaded = random_model("tiny", seed=11)
+    full, partial = Engine(loaded, warmup=False), Engine(loaded, warmup=False, full_windows=False)
+    try:
+        rows = run(full, shape="tiny", contexts=(64,), middles=(8,), samplers=("reference", "cached"), reps=1,
+                   partial=partial)
+    finally:
+        full.close(), partial.close()
+    assert [(r["sampler"], r.get("windows")) for r in rows] == [("reference", None), ("cached", "full"),
+                                                                ("cached", "partial")]
+    assert rows[2]["vs_full"] == pytest.approx(rows[2]["p50_ms"] / rows[1]["p50_ms"], abs=0.01)
