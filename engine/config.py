@@ -270,13 +270,13 @@ PRESETS = {
     # Qwen2.5-7B: the shape of Dream-v0-7B, Dream-Coder-7B and DiffuCoder-7B.
     "7b": ModelConfig("dream", 152064, 3584, 18944, 28, 28, 4, 128, 131072, rope_theta=1e6,
                       qkv_bias=True),
-    # The GPU job's model, meant to replace the bundled one (engine/training/README.md): ~29.9M
-    # parameters, 59.8 MB in fp16 with tied embeddings (under 64 MB with its tokenizer). Qwen2
-    # style (shifted logits, QKV bias), as Dream and DiffuCoder; 1024 positions cover the server's
-    # default context (512 prefix tokens, the suffix, a 64-token block).
-    "bundled": ModelConfig("lacuna", vocab_size=12288, hidden_size=512, intermediate_size=1408, num_layers=8,
-                           num_heads=8, num_kv_heads=4, head_dim=64, max_position_embeddings=1024,
-                           rope_theta=10000.0, qkv_bias=True, tie_embeddings=True),
+    # A Lacuna model for a GPU run of `lacuna train model`: ~29.9M parameters, 59.8 MB in fp16 with
+    # tied embeddings (under 64 MB with its tokenizer). Qwen2 style (shifted logits, QKV bias), as
+    # Dream and DiffuCoder; 1024 positions cover the server's default context (512 prefix tokens,
+    # the suffix, a 64-token block).
+    "30m": ModelConfig("lacuna", vocab_size=12288, hidden_size=512, intermediate_size=1408, num_layers=8,
+                       num_heads=8, num_kv_heads=4, head_dim=64, max_position_embeddings=1024,
+                       rope_theta=10000.0, qkv_bias=True, tie_embeddings=True),
     # What 2 CPU cores can train while no GPU is available: ~6.3M parameters (3.1M of them
     # the embedding), about 2,000 tokens/s to train there. 256 positions: the server fits its context
     # to them (about 1,000 characters around the cursor), and rows of 256 tokens let a weak model find

@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("corpus")
     model.add_argument("tokenizer", help="tokenizer.json")
     model.add_argument("out")
-    model.add_argument("--config", choices=list(PRESETS), default="bundled",
-                       help="bundled: 29.9M parameters, for a GPU; cpu: 6.3M, what 2 CPU cores can train")
+    model.add_argument("--config", choices=list(PRESETS), default="30m",
+                       help="30m: 29.9M parameters, for a GPU; cpu: 6.3M, what 2 CPU cores can train")
     model.add_argument("--steps", type=int)
     model.add_argument("--minutes", type=float)
     model.add_argument("--batch-size", type=int, default=32)

@@ -42,7 +42,7 @@ from engine.training.objective import Batch, ExampleSampler, add_noise, collate,
 from engine.training.tokenizer import special_ids, train_tokenizer
 from engine.training.train import masked_accuracy, train_model
 
-BUNDLED_CONFIG, TINY_CONFIG = PRESETS["bundled"], PRESETS["tiny"]
+SMALL_CONFIG, TINY_CONFIG = PRESETS["30m"], PRESETS["tiny"]
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 MODULES = ["textwrap", "heapq", "fnmatch", "shlex", "string", "glob", "copy", "queue", "sched", "reprlib",
@@ -643,10 +643,10 @@ def test_bad_corpus_directories(corpus, tmp_path):
     assert len(texts) == 1 and stats["bad_lines"] == 2
 
 
-def test_bundled_config_fits_64_mb():
-    assert BUNDLED_CONFIG.parameters * 2 + 1_000_000 <= 64_000_000  # fp16 weights and the tokenizer
-    assert BUNDLED_CONFIG.tie_embeddings and BUNDLED_CONFIG.family.logit_shift == 1
-    assert 8192 <= BUNDLED_CONFIG.vocab_size <= 16384
+def test_the_30m_config_fits_64_mb():
+    assert SMALL_CONFIG.parameters * 2 + 1_000_000 <= 64_000_000  # fp16 weights and the tokenizer
+    assert SMALL_CONFIG.tie_embeddings and SMALL_CONFIG.family.logit_shift == 1
+    assert 8192 <= SMALL_CONFIG.vocab_size <= 16384
 
 
 # -- the GPU job, run small on the CPU ---------------------------------------------------------

@@ -264,7 +264,7 @@ def _process_batch(step: int, batch_size: int):
 
 
 def train_model(corpus_dir: str | Path | Sequence[str | Path], tokenizer_path: str | Path, out_dir: str | Path, *,
-                config: ModelConfig = PRESETS["bundled"], steps: int | None = None, minutes: float | None = None,
+                config: ModelConfig = PRESETS["30m"], steps: int | None = None, minutes: float | None = None,
                 batch_size: int = 32, seq_len: int = 1024, lr: float = 1e-3, device: str | None = None,
                 resume: bool = True, seed: int = 0, warmup: float = 0.03, min_lr_ratio: float = 0.1,
                 weight_decay: float = 0.1, grad_clip: float = 1.0, holes_share: float = 0.7, eps: float = 1e-3,
