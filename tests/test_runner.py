@@ -7,9 +7,9 @@ from concurrent.futures import CancelledError, Future
 
 import pytest
 import torch
-from conftest import LLAMA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models import LLAMA
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from engine.api import DecodeOptions, EngineError

@@ -19,8 +19,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from engine.engine import Engine
-
 from ..completer import Completer
 from ..config import Options
 from ..document import Document
@@ -169,6 +167,8 @@ def metrics(mode: str, tasks: list[Task], infills: list[Infill], results: list[t
 def evaluate(mode: str, *, limit: int | None = None, model_dir: str | None = None, device: str | None = None,
              options: Options | None = None, timeout: float = 5.0, workers: int | None = None) -> dict:
     """Load the engine, fill the mode's first `limit` tasks, run them sandboxed; the metrics (JSON-ready)."""
+    from engine.engine import Engine  # torch: the tasks and the sandbox need none
+
     tasks = build_tasks(mode)[:limit]
     options = options or Options()
     engine = Engine.load(model_dir or options.model_dir, device=device or options.device, int8=options.int8)

@@ -7,7 +7,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[3]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from conftest import constant_model  # noqa: E402  (the fixture's model, not a copy of it)
+from models import constant_model  # noqa: E402  (the fixture's model, not a copy of it)
 
 from engine.loader import save_checkpoint  # noqa: E402
 
