@@ -15,6 +15,7 @@ from engine.training.train import init_weights
 # A small Lacuna-family (Qwen2 blocks, shifted logits) and a Llama-family (LLaDA, unshifted) config.
 QWEN2 = PRESETS["tiny"]
 LLAMA = dataclasses.replace(PRESETS["tiny"], model_type="llada", qkv_bias=False, tie_embeddings=False)
+CAUSAL = dataclasses.replace(LLAMA, model_type="llama_causal")  # the bundled model's family, tiny
 
 
 def constant_model(chars: str = "x"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import uvicorn
 from lsprotocol import types
-from test_runner import CAUSAL
+from models import CAUSAL
 from test_server import command, inline, open_doc, start, stop
 
 from engine.api import DecodeOptions, EngineError, Limits, leaves_block, time_budget_from_wire, time_budget_to_wire

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from models import LLAMA
+from models import CAUSAL, LLAMA
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from engine.api import DecodeOptions, EngineError
@@ -18,7 +18,6 @@ from engine.engine import Engine, context_speed
 from engine.loader import load_checkpoint, random_model
 from engine.sampler import dream_schedule
 
-CAUSAL = dataclasses.replace(LLAMA, model_type="llama_causal")  # the bundled model's family, tiny
 PREFIX = "def mean(values):\n    total = sum(values)\n    return "
 SUFFIX = "\n\n\nprint(mean([1, 2, 3]))\n"
 
