@@ -20,7 +20,9 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
 API_KEY_ENV = "LACUNA_API_KEY"  # the engine service's key: `lacuna engine` requires it, its clients send it
 POLICIES = ("steps", "threshold", "fixed")
 ORDERINGS = ("confidence", "margin", "entropy", "left_to_right")
-OPENERS = ("(", "[", "{", ":")  # a line ending in one opens a block, or carries one on (`else:`)
+BLOCK_OPENERS = (":", "{")  # a line ending in one opens a block: an indented body follows
+# A line ending in one carries on below: a block opened or carried on (`else:`), or a bracket's items.
+OPENERS = (*BLOCK_OPENERS, "(", "[")
 MAX_TIME_BUDGET = 60.0  # seconds: a longer budget is refused (an editor's lies within 0.05-60 s)
 TIME_BUDGET_FIELD = "time_budget_ms"  # the time budget in a request's JSON, in milliseconds
 # A DecodeOptions field's annotation -> the JSON values it takes (an int is a float too; a bool is

@@ -1,9 +1,11 @@
 """The resident engine: one model on one device, serving infill requests from any thread.
 
-A single worker thread owns the model. Each loop the scheduler (scheduler.py) takes the requests
-that have arrived and retires the finished ones, and the step runner (runner.py) runs one
-denoising step for the batch it admits. `Engine` is the API callers use; it satisfies the
-`InfillEngine` protocol of api.py, as the language server's HTTP client does.
+A single worker thread owns the model. Each loop schedules (scheduler.py: the arrivals taken, the
+finished answered, a batch admitted), runs one denoising step of the batch (runner.py), and
+postprocesses it: rows whose text has left their block end, and the requests that finished are
+answered. A request's own state and text work, token healing included, are in request.py.
+`Engine` is the API callers use; it satisfies the `InfillEngine` protocol of api.py, as the
+language server's HTTP client does.
 """
 
 from __future__ import annotations
@@ -11,25 +13,25 @@ from __future__ import annotations
 import asyncio
 import atexit
 import dataclasses
-import functools
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from .api import Capacity, Completion, DecodeOptions, EngineError, check_infill, leaves_block
+from .api import Capacity, Completion, DecodeOptions, EngineError, check_infill
 from .catalog import resolve
 from .loader import BUNDLED_DIR, LoadedModel, load_checkpoint, random_model
 from .packed import native_bfloat16, use_int4_kernels
 from .quantize import quantize_int8
+from .request import Request, Vocabulary
 from .runner import StepRunner
 from .sampler import Denoiser, Layout, build_layout
-from .scheduler import Request, Scheduler
+from .scheduler import Scheduler
 
 
 def default_device() -> str:
@@ -101,6 +103,7 @@ class Engine:
                            and not (family.causal or family.context_causal))
         self.runner = StepRunner(loaded, cuda_graphs=cuda_graphs, full_windows=full_windows)
         self.scheduler = Scheduler(max_batch_rows)
+        self.vocabulary = Vocabulary(self.tokenizer, self.config.vocab_size, self.device)
         self._ids = itertools.count(1)
         # For monitoring: scheduler steps run (each a denoising step of every request in it),
         # and the most requests one step served.
@@ -109,10 +112,9 @@ class Engine:
         self._worker = threading.Thread(target=self._serve, name="lacuna-engine", daemon=True)
         self._worker.start()
         atexit.register(self.close)  # the worker must not be running torch code at interpreter exit
-        self.context_per_second: float | None = None
+        self.context_per_second: float | None = None  # measured by warm_up
         if warmup:
-            self.complete("def f(", "):\n    pass\n", min(4, max_tokens))
-            self.context_per_second = self._measure_context_speed()
+            self.warm_up()
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, device: str | None = None,
@@ -147,54 +149,12 @@ class Engine:
     # -- the API callers use, from any thread -------------------------------------------
 
     def submit(self, prefix: str, suffix: str, n_tokens: int, **kwargs) -> Request:
-        """Queue an infill of `n_tokens` masks between `prefix` and `suffix` (see submit_ids).
-
-        Token healing, for families trained on whole documents: a cursor rarely sits on a token
-        boundary such a model saw (after `return `, the space is a token of its own; mid-word, the
-        word is split). The prefix's last token is given back, and the infill's first token must
-        start with its text, which is then cut from the answer. A causal model may also split it in
-        two where the rest is spaces or tabs: its tokens hold a line's indentation but its last
-        space, which goes with the word (a line break and three spaces, then ` return`), so after
-        four spaces no token starting with the four is natural, and the model indented deeper."""
+        """Queue an infill of `n_tokens` masks between `prefix` and `suffix` (see submit_ids); for
+        families trained on whole documents, the prefix's last token is healed (Vocabulary.healed)."""
         prefix_ids = self.encode(prefix)
-        healed = self.tokenizer.decode(prefix_ids[-1:], skip_special_tokens=False)
-        if not (self.config.family.token_healing and healed and prefix.endswith(healed)
-                and self._tokens_starting_with(healed) is not None):
-            healed = ""
+        healed = self.vocabulary.healed(prefix, prefix_ids) if self.config.family.token_healing else ""
         return self.submit_ids(prefix_ids[:-1] if healed else prefix_ids, self.encode(suffix), n_tokens,
                                healed=healed, **kwargs)
-
-    @functools.lru_cache(maxsize=512)  # noqa: B019 (one engine per process; its tokens never change)
-    def _tokens_starting_with(self, text: str) -> torch.Tensor | None:
-        """A bool per vocabulary id, on the device; None when no token starts with `text`."""
-        allowed = [token.startswith(text) for token in self._token_texts]
-        return torch.tensor(allowed, device=self.device) if any(allowed) else None
-
-    @functools.lru_cache(maxsize=512)  # noqa: B019 (as above)
-    def _split_healing(self, text: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The ids whose text starts `text` and leaves only spaces or tabs of it, and for each, a
-        bool per vocabulary id: whether it starts with that rest; None when there are none."""
-        if not text.endswith((" ", "\t")):  # no rest of spaces or tabs: spare the vocabulary scan
-            return None
-        ids, nexts = [], []
-        for i, token in enumerate(self._token_texts):
-            rest = text[len(token):]
-            if token and rest and text.startswith(token) and not rest.strip(" \t"):
-                following = self._tokens_starting_with(rest)
-                if following is not None:
-                    ids.append(i)
-                    nexts.append(following)
-        return (torch.tensor(ids, device=self.device), torch.stack(nexts)) if ids else None
-
-    @functools.cached_property
-    def _last_line_break(self) -> torch.Tensor:
-        """Per vocabulary id, where the last line break stands in its text (-1: none), on the device."""
-        return torch.tensor([text.rfind("\n") for text in self._token_texts], device=self.device)
-
-    @functools.cached_property
-    def _token_texts(self) -> list[str]:
-        rows = self.config.vocab_size
-        return self.tokenizer.decode_batch([[i] for i in range(rows)], skip_special_tokens=False)
 
     def submit_ids(self, prefix: list[int], suffix: list[int], n_tokens: int, *,
                    options: DecodeOptions = DecodeOptions(), n: int = 1,
@@ -217,17 +177,9 @@ class Engine:
         if options.temperature > 0:
             generator = torch.Generator(self.device)
             generator.manual_seed(options.seed if options.seed is not None else torch.seed())
-        first = self._tokens_starting_with(healed) if healed else None
-        split = self._split_healing(healed) if healed and family.causal else None
-        if split is not None:
-            first = first.clone()
-            first[split[0]] = True
-        breaks = None
-        if options.single_line:  # a line break past the text a healed first token gives back ends the line
-            breaks = (self._last_line_break >= len(healed), self._last_line_break >= 0)
+        constraints = self.vocabulary.constraints(healed, split=family.causal, single_line=options.single_line)
         denoiser = Denoiser(layout, n, options, self.special, device=self.device, generator=generator,
-                            first_tokens=first, split_healing=split, line_breaks=breaks, causal=family.causal,
-                            schedule=family.schedule)
+                            causal=family.causal, schedule=family.schedule, **constraints)
         deadline = time.monotonic() + time_budget if time_budget is not None else None
         scored_suffix = None
         # From the context's cached keys (none without the cache), within the model's positions.
@@ -279,6 +231,13 @@ class Engine:
         return Capacity(self.max_tokens, self.config.max_position_embeddings,
                         lead + int(family.eos_after_suffix), self.context_per_second)
 
+    def warm_up(self) -> None:
+        """The start-up step (`Engine(warmup=True)`, the default, takes it): a first infill pays the
+        one-time costs (kernels chosen, memory allocated), then the context's speed is measured for
+        `capacity` to report."""
+        self.complete("def f(", "):\n    pass\n", min(4, self.max_tokens))
+        self.context_per_second = self._measure_context_speed()
+
     def _measure_context_speed(self) -> float:
         """Context tokens per second that a single-line infill's context costs: its time after a
         realistic context less its time after an eighth of it, per token of the difference. A
@@ -325,27 +284,45 @@ class Engine:
     # -- the worker thread --------------------------------------------------------------
 
     def _serve(self) -> None:
+        """The worker: each loop schedules a batch, runs its step and postprocesses it; once the
+        engine closes, what is left fails."""
         while self.scheduler.receive():
-            self._retire()
-            batch = self.scheduler.batch()
-            if not batch:
-                continue
+            batch = self._schedule()
+            if batch:
+                self._postprocess(self._run(batch))
+        for request in self.scheduler.drain():
+            if not request.future.done():  # not cancelled through an asyncio wrapper meanwhile
+                self._resolve(request, error=EngineError("the engine is closed"))
+
+    def _schedule(self) -> list[Request]:
+        """Answer the requests that have left since the last step; the batch to step next, counted."""
+        self._retire()
+        batch = self.scheduler.batch()
+        if batch:
             self.stats["steps"] += 1
             self.stats["max_batch_requests"] = max(self.stats["max_batch_requests"], len(batch))
             if self.on_step is not None:
                 self.on_step(len(batch))
-            try:
-                failed = self.runner.step(batch)
-                self._end_closed_blocks(batch)
-            except Exception as err:  # e.g. out of memory: fail this batch, keep serving
-                self.runner.reset()
-                failed = [(request, EngineError(f"infill failed: {err}")) for request in batch]
-            for request, error in failed:
-                self._resolve(request, error=error)
-            self._retire()
-        for request in self.scheduler.drain():
-            if not request.future.done():  # not cancelled through an asyncio wrapper meanwhile
-                self._resolve(request, error=EngineError("the engine is closed"))
+        return batch
+
+    def _run(self, batch: list[Request]) -> list[tuple[Request, EngineError]]:
+        """One denoising step of `batch`, then each row whose text has left its block ended; the
+        requests that failed."""
+        try:
+            failed = self.runner.step(batch)
+            # Within the guard: reading the rows' tokens is where a failed GPU step surfaces.
+            for request in batch:
+                request.end_rows_past_block(self.vocabulary)
+            return failed
+        except Exception as err:  # e.g. out of memory: fail this batch, keep serving
+            self.runner.reset()
+            return [(request, EngineError(f"infill failed: {err}")) for request in batch]
+
+    def _postprocess(self, failed: list[tuple[Request, EngineError]]) -> None:
+        """Answer the requests that failed, then those the step finished."""
+        for request, error in failed:
+            self._resolve(request, error=error)
+        self._retire()
 
     def _retire(self) -> None:
         for request, why in self.scheduler.retire():
@@ -355,46 +332,22 @@ class Engine:
                 self._resolve(request, partial=why == "budget")
             self.runner.forget(request.id)
 
-    def _end_closed_blocks(self, batch: list[Request]) -> None:
-        """End each row of a multi-line infill whose text has left the block (`block_indent`)."""
-        for request in batch:
-            indent, den = request.denoiser.options.block_indent, request.denoiser
-            if indent is None or request.future.done():
-                continue
-            for row, (ids, _) in enumerate(den.result_rows(partial=True)):
-                if leaves_block(self._answer_text(request, ids), indent):
-                    den.end_row(row)
-
-    def _answer_text(self, request: Request, ids: list[int]) -> str:
-        """The text of an infill's tokens, less what its first token gives back to the prefix."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        return text[len(request.healed):] if text.startswith(request.healed) else text
-
     def _resolve(self, request: Request, partial: bool = False, error: Exception | None = None) -> None:
         """Set the request's answer (its completions, or `error`) and drop its context cache."""
+        completions = None
         if error is None:
-            den = request.denoiser
-            rows = den.result_rows(partial=partial)
-            scores = [None] * len(rows)
-            if request.scored_suffix is not None and not partial:  # out of time: no more forwards
-                try:
-                    scores = self.runner.score(request, [ids for ids, _ in rows], request.scored_suffix)
-                except Exception as err:  # e.g. out of memory: the completions stand unscored
-                    log.warning("scoring the completions failed: %s", err)
-            completions = []
-            for (ids, conf), score in zip(rows, scores):
-                if partial:
-                    reason = "budget"
-                else:
-                    reason = "length" if len(ids) == den.end - den.start else "stop"
-                text = self._answer_text(request, ids)
-                context = den.x.shape[1] - (den.end - den.start)
-                completions.append(Completion(text, ids, conf, den.steps, reason, context, score))
+            rows = request.denoiser.result_rows(partial=partial)
+            scores = self._scores(request, rows) if not partial else [None] * len(rows)  # out of time: no forwards
+            completions = request.completions(rows, scores, partial, self.vocabulary)
         self.runner.forget(request.id)
-        try:
-            if error is not None:
-                request.future.set_exception(error)
-            else:
-                request.future.set_result(completions)
-        except InvalidStateError:  # cancelled from another thread since it was retired: nobody waits
-            pass
+        request.answer(completions, error)
+
+    def _scores(self, request: Request, rows: list[tuple[list[int], list[float]]]) -> list[float | None]:
+        """Each row's score (DecodeOptions.score_suffix), from the request's context cache: before
+        `forget`. None where the request asks none or scoring failed."""
+        if request.scored_suffix is not None:
+            try:
+                return self.runner.score(request, [ids for ids, _ in rows], request.scored_suffix)
+            except Exception as err:  # e.g. out of memory: the completions stand unscored
+                log.warning("scoring the completions failed: %s", err)
+        return [None] * len(rows)

@@ -21,7 +21,7 @@ from .api import EngineError
 from .graphs import GRAPH_CHUNK, StepGraph, cache_slots, constraint_shape, step_options
 from .loader import LoadedModel
 from .model import KVCache
-from .scheduler import Request
+from .request import Request
 
 MAX_GRAPHS = 8  # captured step graphs kept, the least recently used dropped first
 # Memory for the keys of finished contexts kept for reuse (ContextStore): 256 MiB holds about

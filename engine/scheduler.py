@@ -5,37 +5,9 @@ oldest of the rest whose candidate rows fit one batch."""
 from __future__ import annotations
 
 import queue
-import threading
 import time
-from concurrent.futures import Future
 
-from .api import Completion
-from .sampler import Denoiser
-
-
-class Request:
-    """A submitted infill: `future` resolves to a list of n Completions."""
-
-    def __init__(self, request_id: int, denoiser: Denoiser, n: int, deadline: float | None, healed: str = "",
-                 scored_suffix: list[int] | None = None):
-        self.id = request_id
-        self.healed = healed  # text the prefix gave back to the infill's first token (token healing)
-        self.scored_suffix = scored_suffix  # suffix tokens each completion's score covers; None: no score
-        self.denoiser = denoiser
-        self.n = n
-        self.deadline = deadline
-        self.future: Future[list[Completion]] = Future()
-        self.cancelled = threading.Event()
-
-    def result(self, timeout: float | None = None) -> list[Completion]:
-        return self.future.result(timeout)
-
-    def cancel(self) -> bool:
-        """Ask the engine to stop this request within one step; False if it already finished."""
-        if self.future.done():
-            return False
-        self.cancelled.set()
-        return True
+from .request import Request
 
 
 class Scheduler:

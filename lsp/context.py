@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from tree_sitter import Node
 
-from .document import Document
+from .document import Document, line_end, line_start
 
 CHARS_PER_TOKEN = 3  # a conservative average for code, so budgets in tokens become characters
 IMPORT_TYPES = {"import_statement", "import_from_statement", "future_import_statement", "import_declaration",
@@ -120,7 +120,9 @@ def build_context(doc: Document, offset: int, documents: list[Document], outline
     prefix, suffix = text[start:offset], text[offset:end]
     if doc.tree is None or context_tokens <= 0:
         return Context(prefix, suffix)
-    names = set(IDENTIFIER.findall(text[_line_start(text, offset, NEAR_LINES):_line_end(text, offset, NEAR_LINES)]))
+    # Below, lines are counted from past the character at the cursor: at a line's end, one more.
+    near = text[line_start(text, offset, NEAR_LINES):line_end(text, offset + 1, NEAR_LINES)]
+    names = set(IDENTIFIER.findall(near))
     snippets = []
     for other in [doc] + [d for d in documents if d is not doc and d.language_id == doc.language_id]:
         definitions = outlines.of(other).definitions
@@ -135,23 +137,3 @@ def build_context(doc: Document, offset: int, documents: list[Document], outline
         chosen.append(snippet)
         budget -= len(snippet) + 1
     return Context("".join(s + "\n" for s in chosen) + prefix, suffix)
-
-
-def _line_start(text: str, offset: int, lines: int) -> int:
-    """The start of the line `lines` lines above the cursor's."""
-    at = offset
-    for _ in range(lines + 1):
-        at = text.rfind("\n", 0, at)
-        if at == -1:
-            return 0
-    return at + 1
-
-
-def _line_end(text: str, offset: int, lines: int) -> int:
-    """The end of the line `lines` lines below the cursor's."""
-    at = offset
-    for _ in range(lines + 1):
-        at = text.find("\n", at + 1)
-        if at == -1:
-            return len(text)
-    return at

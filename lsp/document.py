@@ -17,10 +17,41 @@ from tree_sitter import Point, Tree
 from .languages import parser
 
 
+def utf8(text: str) -> bytes:
+    """`text` as tree-sitter reads it. Lone surrogates cannot come from UTF-8 but can from a
+    client's JSON: they are kept, so that byte offsets stay consistent."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def is_word(ch: str) -> bool:
+    """Whether `ch` can be part of an identifier."""
+    return ch.isalnum() or ch == "_"
+
+
+def line_start(text: str, offset: int, lines: int) -> int:
+    """The start of the line `lines` lines above the one holding `offset`."""
+    at = offset
+    for _ in range(lines + 1):
+        at = text.rfind("\n", 0, at)
+        if at == -1:
+            return 0
+    return at + 1
+
+
+def line_end(text: str, offset: int, lines: int) -> int:
+    """The end of the line `lines` lines below the one holding `offset` (where its line break stands)."""
+    at = offset - 1
+    for _ in range(lines + 1):
+        at = text.find("\n", at + 1)
+        if at == -1:
+            return len(text)
+    return at
+
+
 def units(text: str, encoding: str) -> int:
     """The length of `text` in the position encoding's code units."""
     if encoding == "utf-8":
-        return len(text.encode("utf-8", "surrogatepass"))
+        return len(utf8(text))
     if encoding == "utf-16":
         return len(text) + sum(1 for ch in text if ord(ch) > 0xFFFF)
     return len(text)
@@ -32,7 +63,7 @@ class Document:
         self.parser = parser(language_id)
         self.text = text
         self._line_starts: list[int] | None = None
-        self._tree: Tree | None = self.parser.parse(self._bytes(text)) if self.parser else None
+        self._tree: Tree | None = self.parser.parse(utf8(text)) if self.parser else None
         self._pending: list[dict] = []  # edits not yet in the tree, in order
         self._state_lock = threading.Lock()  # text and pending edits
         self._parse_lock = threading.Lock()  # one reparse at a time
@@ -52,16 +83,11 @@ class Document:
                 tree = self._tree.copy()
                 for edit in self._pending:
                     tree.edit(**edit)
-                applied, source = len(self._pending), self._bytes(self.text)
+                applied, source = len(self._pending), utf8(self.text)
             tree = self.parser.parse(source, tree)  # tree-sitter lets other threads run meanwhile
             with self._state_lock:
                 self._tree = tree
                 del self._pending[:applied]
-
-    @staticmethod
-    def _bytes(text: str) -> bytes:
-        # Lone surrogates cannot come from UTF-8 but can from a client's JSON: keep them parseable.
-        return text.encode("utf-8", "surrogatepass")
 
     @property
     def line_starts(self) -> list[int]:
@@ -112,18 +138,17 @@ class Document:
             self._line_starts = None
             if self._tree is None:
                 return
-            start_byte = len(self._bytes(old[:start]))
+            start_byte = len(utf8(old[:start]))
             self._pending.append(dict(
                 start_byte=start_byte,
-                old_end_byte=start_byte + len(self._bytes(old[start:end])),
-                new_end_byte=start_byte + len(self._bytes(new_text)),
+                old_end_byte=start_byte + len(utf8(old[start:end])),
+                new_end_byte=start_byte + len(utf8(new_text)),
                 start_point=self._point(old, start), old_end_point=self._point(old, end),
                 new_end_point=self._point(self.text, start + len(new_text)),
             ))
 
     def _point(self, text: str, offset: int) -> Point:
-        line_start = text.rfind("\n", 0, offset) + 1
-        return Point(text.count("\n", 0, offset), len(self._bytes(text[line_start:offset])))
+        return Point(text.count("\n", 0, offset), len(utf8(text[line_start(text, offset, 0):offset])))
 
     def byte_offset(self, offset: int) -> int:
-        return len(self._bytes(self.text[:offset]))
+        return len(utf8(self.text[:offset]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lsprotocol import types
 
-from .document import Document
+from .document import Document, is_word
 from .postprocess import Candidate
 
 ACCEPTED = "lacuna.accepted"  # each item's command: the server counts acceptances
@@ -19,7 +19,7 @@ def edit_range(doc: Document, start: int, cursor: int, candidate: Candidate, enc
 
 def word_start(text: str, offset: int) -> int:
     """Where the identifier that ends at `offset` starts."""
-    while offset > 0 and (text[offset - 1].isalnum() or text[offset - 1] == "_"):
+    while offset > 0 and is_word(text[offset - 1]):
         offset -= 1
     return offset
 

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from engine.api import OPENERS, indentation
+from lsp.document import line_end, line_start, utf8
 from lsp.languages import parser
 
 WINDOW = 100  # lines of context kept on each side of the cursor
@@ -180,10 +181,10 @@ def introduces_syntax_error(text: str, replace: int, head: str, tail: str, langu
         return False
     start = ([0] + [m.start() for m in TOP_LEVEL.finditer(head)])[-1]
     found = TOP_LEVEL.search(tail, tail.find("\n") + 1) if "\n" in tail else None
-    before, after = _bytes(head[start:]), _bytes(tail[: found.start() if found else len(tail)])
+    before, after = utf8(head[start:]), utf8(tail[: found.start() if found else len(tail)])
     tree, old = _baseline(language, before + after)
-    ins = _bytes(text + _closure(head.rpartition("\n")[2], text, language))
-    cut, rep = len(before), len(_bytes(tail[:replace]))
+    ins = utf8(text + _closure(head.rpartition("\n")[2], text, language))
+    cut, rep = len(before), len(utf8(tail[:replace]))
     end, delta = cut + len(ins), len(ins) - rep
     tree = tree.copy()  # the baseline is shared through the cache: edit a copy and reparse incrementally
     tree.edit(cut, cut + rep, end, _point(before), _point(before + after[:rep]), _point(before + ins))
@@ -268,24 +269,10 @@ def _squeezed(line: str) -> tuple[str, str]:
     return line[: indentation(line)], "".join(line.split())
 
 
-def _bytes(text: str) -> bytes:
-    return text.encode("utf-8", "surrogatepass")  # LSP text may hold lone surrogates; keep byte offsets consistent
-
-
 def _point(source: bytes) -> tuple[int, int]:
     return source.count(b"\n"), len(source) - source.rfind(b"\n") - 1  # tree-sitter's (row, byte column) at the end
 
 
 def _window(prefix: str, suffix: str) -> tuple[str, str]:
     """The prefix from the line WINDOW lines above the cursor, the suffix to the end of the line WINDOW lines below."""
-    start, end = len(prefix), -1
-    for _ in range(WINDOW + 1):
-        start = prefix.rfind("\n", 0, start)
-        if start < 0:
-            break
-    for _ in range(WINDOW + 1):
-        end = suffix.find("\n", end + 1)
-        if end < 0:
-            end = len(suffix)
-            break
-    return prefix[start + 1 :], suffix[:end]
+    return prefix[line_start(prefix, len(prefix), WINDOW) :], suffix[: line_end(suffix, 0, WINDOW)]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.api import indentation
+from engine.api import BLOCK_OPENERS, indentation
 
 from .config import Options
-from .document import Document
+from .document import Document, is_word
 
-BLOCK_OPENERS = (":", "{")
 # Code inside a string: Python's f-string `{...}`, JavaScript's and TypeScript's template `${...}`.
 INTERPOLATIONS = ("interpolation", "template_substitution")
 
@@ -21,10 +20,6 @@ class Span:
     # A multi-line infill ends at a line indented less than this, which leaves the block the
     # cursor opens (DecodeOptions.block_indent); post-processing would cut it there anyway.
     block_indent: int | None = None
-
-
-def _is_word(ch: str) -> bool:
-    return ch.isalnum() or ch == "_"
 
 
 def _in_comment_or_string(doc: Document, offset: int) -> str | None:
@@ -55,7 +50,7 @@ def plan_span(doc: Document, offset: int, options: Options) -> Span | None:
     line_end = text.find("\n", offset)
     before, after = text[line_start:offset], text[offset:line_end if line_end != -1 else len(text)]
     # In the middle of a word with more of it to the right, the user is editing, not writing.
-    if before and after and _is_word(before[-1]) and _is_word(after[0]):
+    if before and after and is_word(before[-1]) and is_word(after[0]):
         return None
     where = _in_comment_or_string(doc, offset)
     if (where == "comment" and not options.complete_in_comments) or (

@@ -13,9 +13,9 @@ from engine.config import PRESETS
 from engine.engine import Engine
 from engine.graphs import STEP_IGNORES, step_options
 from engine.loader import random_model
+from engine.request import Request
 from engine.runner import StepRunner
 from engine.sampler import Denoiser
-from engine.scheduler import Request
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))
 PREFIX = "def mean(values):\n    total = sum(values)\n    return "
@@ -160,7 +160,7 @@ def test_the_constraints_change_these_infills(engine_pairs, device, family):
     DecodeOptions(policy="fixed", ordering="confidence"),
 ])
 def test_split_healing_is_graphed_as_eager(device, options):
-    """A causal family's token healing in two tokens (Engine._split_healing), which the engine
+    """A causal family's token healing in two tokens (Vocabulary.split_healing), which the engine
     builds for causal models only, which are never graphed: the graphed step still honours it, the
     same as an eager one, on a diffusion model given that constraint."""
     loaded = lively("llada")

@@ -22,9 +22,10 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from lsp.config import Options
-from lsp.document import Document
+from lsp.document import Document, is_word, line_start
 from lsp.span import plan_span
 
+from ..api import BLOCK_OPENERS
 from ..config import Family
 from ..loader import SpecialIds
 from ..model import Transformer
@@ -111,10 +112,6 @@ def diffusion_loss(model: Transformer, noisy: Tensor, batch: Batch, masked: Tens
     ce = F.cross_entropy(logits, batch.clean[rows, cols], reduction="none")
     loss = ce.mean() if ce.numel() else hidden.sum() * 0.0  # nothing masked: a zero step
     return loss, ce.detach()
-
-
-def _is_word(ch: str) -> bool:
-    return ch.isalnum() or ch == "_"
 
 
 CLOSERS = ")]}\"'"
@@ -259,7 +256,7 @@ class ExampleSampler:
 
 
 def _line_start(text: str, offset: int) -> int:
-    return text.rfind("\n", 0, offset) + 1
+    return line_start(text, offset, 0)
 
 
 def _hole(text: str, rng: random.Random) -> tuple[int, int] | None:
@@ -279,7 +276,7 @@ def _hole(text: str, rng: random.Random) -> tuple[int, int] | None:
         return _block_hole(text, line_start, line_end, rng)
     if shape == "line":
         return code, line_end
-    cuts = [p for p in range(code + 1, line_end) if not (_is_word(text[p - 1]) and _is_word(text[p]))]
+    cuts = [p for p in range(code + 1, line_end) if not (is_word(text[p - 1]) and is_word(text[p]))]
     if not cuts:
         return None
     s = rng.choice(cuts)
@@ -291,7 +288,7 @@ def _hole(text: str, rng: random.Random) -> tuple[int, int] | None:
 
 def _block_hole(text: str, line_start: int, line_end: int, rng: random.Random) -> tuple[int, int] | None:
     """The indented body after a line ending in ':' or '{', whole or its first lines."""
-    if not text[line_start:line_end].rstrip().endswith((":", "{")):
+    if not text[line_start:line_end].rstrip().endswith(BLOCK_OPENERS):
         return None
     indent = len(text[line_start:line_end]) - len(text[line_start:line_end].lstrip(" \t"))
     body_end, at = None, line_end + 1
