@@ -159,6 +159,9 @@ def cmd_train(args) -> int:
     except corpus.TrainingError as err:
         print(f"lacuna train {args.stage}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the loop saved its state first
+        print(f"lacuna train {args.stage}: interrupted; run it again to resume", file=sys.stderr)
+        return 130
     print(json.dumps(result, indent=1, default=str))
     return 0
 

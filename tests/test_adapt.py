@@ -3,7 +3,11 @@ engine's context-causal family it releases (`llama_spm`), on a tiny random model
 model's tokenizer."""
 
 import json
+import signal
+import subprocess
+import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +154,26 @@ def test_held_out_accuracy_reads_the_suffix_where_the_model_can(corpus, release)
                               rows=8)
     assert all(0 <= entry["accuracy"] <= 1 and entry["tokens"] > 0 for entry in report.values())
     assert report["next"]["tokens"] == 8
+
+
+def test_sigterm_saves_the_state_and_a_resumed_run_goes_on(corpus, release, tmp_path):
+    """A run in the background ignores Ctrl-C; `kill PID` (SIGTERM) stops it as Ctrl-C would."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "lsp.cli", "train", "adapt", str(corpus), str(out), "--init", str(release),
+               "--steps", "1000", "--batch-size", "2", "--seq-len", "128", "--threads", "1"]
+    job = subprocess.Popen(command, cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_steps(out)) < 2:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 130 and "interrupted; run it again to resume" in stderr
+    saved = json.loads((out / "train-state" / "state.json").read_text())["step"]
+    assert saved == len(read_steps(out)) >= 2  # every step run is in the saved state
+    stats = adapt(corpus, out, steps=saved + 1, init=release, batch_size=2, seq_len=128, heldout_rows=8)
+    assert stats["step"] == saved + 1
+
+
+def read_steps(out: Path) -> list[str]:
+    path = out / "loss.csv"
+    return path.read_text().splitlines()[1:] if path.exists() else []

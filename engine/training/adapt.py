@@ -28,6 +28,8 @@ import math
 import multiprocessing
 import os
 import random
+import signal
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -288,6 +290,10 @@ def start_from(init: Path, attention: str) -> LoadedModel:
     return LoadedModel(model.float(), loaded.tokenizer, special, name="lacuna-adapted")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def adapt(corpus_dir: str | Path | Sequence[str | Path], out_dir: str | Path, *, init: str | Path | None = None,
           attention: str = "context_causal", minutes: float | None = None, steps: int | None = None,
           batch_size: int = 8, seq_len: int = 512, lr: float = 2e-4, warmup_steps: int = 20,
@@ -296,7 +302,8 @@ def adapt(corpus_dir: str | Path | Sequence[str | Path], out_dir: str | Path, *,
           threads: int | None = None, device: str | None = None,
           on_release: Callable[[Path], None] | None = None) -> dict:
     """Train the adaptation for `minutes` (this stretch) or up to `steps` in all, resuming from
-    `out_dir/train-state`; write the release to `out_dir/model` at every save, the loss log to
+    `out_dir/train-state`; write the release to `out_dir/model` at every save (every
+    `save_every_minutes`, and on Ctrl-C or SIGTERM, which then end the run), the loss log to
     `out_dir/loss.csv` and the held-out accuracies to `out_dir/stats.json`. The learning rate
     warms up then stays constant, so that a run can go on across stretches of work. `threads`:
     torch's CPU threads (one leaves a core to other work: with two threads on two busy cores every
@@ -369,6 +376,11 @@ def adapt(corpus_dir: str | Path | Sequence[str | Path], out_dir: str | Path, *,
 
     log.info("adapting %s parameters (%s attention) on %s: %d documents", f"{config.parameters:,}", attention,
              hardware(device_), corpus_stats["documents"])
+    # A run in the background ignores Ctrl-C (SIGINT): SIGTERM (`kill PID`) stops it as Ctrl-C
+    # does, saving its state first.
+    on_term = None
+    if threading.current_thread() is threading.main_thread():
+        on_term = signal.signal(signal.SIGTERM, _interrupt)
     stretch_start, last_save = time.perf_counter(), time.perf_counter()
     with open(out_dir / "loss.csv", "a", newline="") as log_file:
         writer = csv.DictWriter(log_file, fields, extrasaction="ignore")
@@ -410,6 +422,8 @@ def adapt(corpus_dir: str | Path | Sequence[str | Path], out_dir: str | Path, *,
             for future in pending:
                 future.cancel()
             workers.shutdown(wait=True)
+            if on_term is not None:
+                signal.signal(signal.SIGTERM, on_term)
     save()
     stats = {**meta_now(), "parameters": config.parameters,
              "tokens_per_second": round(tokens_seen / max(elapsed, 1e-9)), "hardware": hardware(device_),
