@@ -21,7 +21,6 @@ kept as far as the model predicts the same from them (prompt lookup decoding).
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import torch
@@ -94,12 +93,10 @@ def dream_schedule(n: int, steps: int, eps: float = DREAM_EPS) -> list[int]:
     unmask none). Dream counts the masks left in its state; a greedy step unmasks exactly its
     count, so the same counts follow from (n, steps) alone. In float32, as Dream computes them."""
     times = torch.linspace(1, eps, steps + 1)
-    fractions = (1 - times[1:] / times[:-1]).tolist()
+    fractions = 1 - times[1:] / times[:-1]  # float32 tensors, as Dream's
     counts, left = [], n
     for fraction in fractions[:-1]:
-        # float32(left) * float32(fraction), exact in a double, then rounded to float32 as Dream's
-        # tensors round it; int() truncates.
-        count = int(struct.unpack("f", struct.pack("f", left * fraction))[0])
+        count = int(left * fraction)  # a float32 product, truncated
         counts.append(count)
         left -= count
     return counts + [left]

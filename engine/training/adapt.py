@@ -25,15 +25,12 @@ import csv
 import json
 import logging
 import math
-import multiprocessing
-import os
 import random
 import signal
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,18 +48,17 @@ from ..loader import BUNDLED_DIR, CheckpointError, LoadedModel, load_checkpoint,
 from ..model import Transformer
 from ..packed import pack
 from ..sampler import build_layout
-from .corpus import TrainingError, read_corpus
+from .corpus import TrainingError
 from .objective import SERVER_OPTIONS, _hole
 from .train import (
-    HELDOUT_EVERY,
     LOSS_FIELDS,
     STATE_JSON,
-    _process_batch,
     _rewrite_loss_log,
-    _start_batch_process,
+    batch_builders,
     cpu_has_bf16,
     hardware,
     load_train_state,
+    read_texts,
     save_train_state,
 )
 
@@ -316,13 +312,7 @@ def adapt(corpus_dir: str | Path | Sequence[str | Path], out_dir: str | Path, *,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dir = Path(state_dir) if state_dir else out_dir / "train-state"
-    texts, corpus_stats = [], {}
-    for directory in [corpus_dir] if isinstance(corpus_dir, (str, Path)) else corpus_dir:
-        more, stats = read_corpus(directory)
-        texts += more
-        corpus_stats = {k: corpus_stats.get(k, 0) + v for k, v in stats.items()}
-    heldout = texts[::HELDOUT_EVERY]
-    texts = [t for i, t in enumerate(texts) if i % HELDOUT_EVERY] or heldout
+    texts, heldout, corpus_stats = read_texts(corpus_dir)
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = start_from(Path(init or BUNDLED_DIR), attention)
     model = loaded.model.to(device_).train()
@@ -352,15 +342,7 @@ def adapt(corpus_dir: str | Path | Sequence[str | Path], out_dir: str | Path, *,
     _rewrite_loss_log(out_dir / "loss.csv", step, fields)
     sampler = RowSampler(texts, tokenizer, loaded, attention, seq_len, seed)
     bf16 = device_.type == "cuda" or cpu_has_bf16()
-    # Rows are built ahead: in a thread on a CPU (the step leaves it a core), in forked processes
-    # on a GPU, which steps faster than one Python thread cuts holes.
-    if device_.type == "cuda":
-        processes = max(1, min(14, (os.cpu_count() or 2) - 2))
-        workers = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                                      initializer=_start_batch_process, initargs=(sampler,))
-        build, ahead = _process_batch, processes
-    else:
-        workers, build, ahead = ThreadPoolExecutor(1), sampler.batch, 1
+    workers, build, ahead = batch_builders(sampler, device_)
     pending = deque(workers.submit(build, s, batch_size) for s in range(step, step + ahead))
 
     def meta_now() -> dict:
@@ -436,10 +418,10 @@ def adapt(corpus_dir: str | Path | Sequence[str | Path], out_dir: str | Path, *,
 def ar_baseline(corpus_dir: str | Path, init: str | Path = BUNDLED_DIR, seq_len: int = 512, rows: int = 64) -> dict:
     """The autoregressive model's accuracy on the tokens that `heldout_accuracy` scores as `next`,
     each from the prefix and the middle before it (it reads no suffix)."""
-    texts, _ = read_corpus(corpus_dir)
+    _, heldout, _ = read_texts(corpus_dir)
     loaded = start_from(Path(init), "context_causal")
     model = loaded.model.eval()
-    sampler = RowSampler(texts[::HELDOUT_EVERY], loaded.tokenizer, loaded, "context_causal", seq_len, seed=12345)
+    sampler = RowSampler(heldout, loaded.tokenizer, loaded, "context_causal", seq_len, seed=12345)
     right = count = 0
     with torch.no_grad():
         for i in range(0, rows, 8):

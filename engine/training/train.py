@@ -18,7 +18,7 @@ import platform
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -250,11 +250,42 @@ def release(model: Transformer, tokenizer: Tokenizer, special: SpecialIds, direc
     return dtype
 
 
-_process_sampler: ExampleSampler | None = None  # a batch-building process's own (forked) sampler
+def read_texts(corpus_dir: str | Path | Sequence[str | Path]) -> tuple[list[str], list[str], dict]:
+    """The documents of one or more corpus directories: those to train on, the held-out ones
+    (every HELDOUT_EVERY-th; a corpus too small to spare them is measured on its own text), and
+    the corpora's counts summed."""
+    texts, corpus_stats = [], {}
+    for directory in [corpus_dir] if isinstance(corpus_dir, (str, Path)) else corpus_dir:
+        more, stats = read_corpus(directory)
+        texts += more
+        corpus_stats = {k: corpus_stats.get(k, 0) + v for k, v in stats.items()}
+    heldout = texts[::HELDOUT_EVERY]
+    if len(texts) > HELDOUT_EVERY:
+        texts = [t for i, t in enumerate(texts) if i % HELDOUT_EVERY]
+    return texts, heldout, corpus_stats
+
+
+def batch_builders(sampler, device: torch.device, prefetch: int | None = None,
+                   processes: int | None = None) -> tuple[Executor, Callable, int]:
+    """Who builds `sampler`'s batches ahead of the step, the call that builds one (step, batch
+    size), and how many are built ahead. Threads suffice for a CPU run (the tokenizer releases the
+    GIL); a GPU steps faster than one Python thread parses holes, so there forked processes build
+    them (`processes`, default: enough to keep a GPU fed; `prefetch` batches ahead, default 4 on
+    CUDA and 2 elsewhere)."""
+    if processes is None:
+        processes = max(1, min(14, (os.cpu_count() or 2) - 2)) if device.type == "cuda" else 0
+    ahead = max(1, prefetch if prefetch is not None else 4 if device.type == "cuda" else 2, processes)
+    if processes > 0:
+        return (ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
+                                    initializer=_start_batch_process, initargs=(sampler,)), _process_batch, ahead)
+    return ThreadPoolExecutor(ahead), sampler.batch, ahead
+
+
+_process_sampler = None  # a batch-building process's own (forked) sampler
 
 
 def _start_batch_process(sampler: ExampleSampler) -> None:
-    global _process_sampler
+    global _process_sampler  # a batch-building process's own (forked) sampler
     torch.set_num_threads(1)
     _process_sampler = sampler
 
@@ -319,14 +350,7 @@ def train_model(corpus_dir: str | Path | Sequence[str | Path], tokenizer_path: s
         raise TrainingError(f"the tokenizer {tokenizer_path} has {vocab} tokens but the model's vocab_size is "
                             f"{config.vocab_size}: train the tokenizer with vocab_size<={config.vocab_size} or "
                             f"use a config with vocab_size>={vocab}")
-    texts, corpus_stats = [], {}
-    for directory in [corpus_dir] if isinstance(corpus_dir, (str, Path)) else corpus_dir:
-        more, stats = read_corpus(directory)
-        texts += more
-        corpus_stats = {k: corpus_stats.get(k, 0) + v for k, v in stats.items()}
-    heldout = texts[::HELDOUT_EVERY]  # a corpus too small to spare them is measured on its own text
-    if len(texts) > HELDOUT_EVERY:
-        texts = [t for i, t in enumerate(texts) if i % HELDOUT_EVERY]
+    texts, heldout, corpus_stats = read_texts(corpus_dir)
     device_ = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dir, loss_path = Path(state_dir) if state_dir else out_dir / STATE_DIR, out_dir / "loss.csv"
@@ -380,17 +404,7 @@ def train_model(corpus_dir: str | Path | Sequence[str | Path], tokenizer_path: s
     last_save_step, last_save_time = step, time.perf_counter()
     log_file = open(loss_path, "a", newline="")
     writer = csv.DictWriter(log_file, LOSS_FIELDS)
-    # Batches are built ahead. Threads suffice for a CPU run (the tokenizer releases the GIL); a
-    # GPU steps faster than one Python thread parses holes, so there forked processes build them.
-    if batch_processes is None:
-        batch_processes = max(1, min(14, (os.cpu_count() or 2) - 2)) if device_.type == "cuda" else 0
-    ahead = max(1, prefetch if prefetch is not None else 4 if device_.type == "cuda" else 2, batch_processes)
-    if batch_processes > 0:
-        workers = ProcessPoolExecutor(batch_processes, mp_context=multiprocessing.get_context("fork"),
-                                      initializer=_start_batch_process, initargs=(sampler,))
-        build = _process_batch
-    else:
-        workers, build = ThreadPoolExecutor(ahead), sampler.batch
+    workers, build, ahead = batch_builders(sampler, device_, prefetch, batch_processes)
     updating = False
     pending = deque(workers.submit(build, s, batch_size) for s in range(step, step + ahead))
     try:
